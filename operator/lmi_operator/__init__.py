@@ -1,0 +1,1 @@
+"""lmi-operator: serve LLMs on Kubernetes with vLLM, the LMI way."""

@@ -1,0 +1,209 @@
+"""A small async Kubernetes API client: server-side apply, get, list, status patches and events.
+
+Plain dicts on the wire and no generated model classes: the operator touches only a handful of
+kinds, and the official client's models cost tens of MiB and CPU in the hot path."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import os
+import ssl
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import yaml
+
+FIELD_MANAGER = "lmi-operator"
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+# The kinds the operator manages or reads: (apiVersion, kind) -> plural.
+PLURALS: dict[tuple[str, str], str] = {
+    ("v1", "ConfigMap"): "configmaps",
+    ("v1", "Service"): "services",
+    ("v1", "Pod"): "pods",
+    ("v1", "Event"): "events",
+    ("v1", "Secret"): "secrets",
+    ("apps/v1", "Deployment"): "deployments",
+    ("apps/v1", "ReplicaSet"): "replicasets",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
+    ("coordination.k8s.io/v1", "Lease"): "leases",
+    ("events.k8s.io/v1", "Event"): "events",
+}
+
+
+class ApiError(Exception):
+    """A non-2xx answer from the API server, with its Status reason and message."""
+
+    def __init__(self, status: int, body: Mapping[str, Any] | str) -> None:
+        self.status = status
+        self.reason = body.get("reason", "") if isinstance(body, Mapping) else ""
+        self.message = body.get("message", "") if isinstance(body, Mapping) else body
+        super().__init__(f"{status} {self.reason}: {self.message}")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the API server is and how to authenticate to it."""
+
+    server: str
+    ca_data: bytes | None = None
+    cert_data: bytes | None = None
+    key_data: bytes | None = None
+    token: str | None = None
+    token_path: Path | None = None
+    insecure: bool = False
+    namespace: str = "default"
+
+    def bearer(self) -> str | None:
+        """The bearer token, re-read from its file each time (projected tokens rotate)."""
+        if self.token_path is not None:
+            return self.token_path.read_text().strip()
+        return self.token
+
+
+def _file_or_data(entry: Mapping[str, Any], key: str, base: Path) -> bytes | None:
+    if data := entry.get(f"{key}-data"):
+        return base64.b64decode(data)
+    if path := entry.get(key):
+        return (base / path).read_bytes()
+    return None
+
+
+def load_credentials(kubeconfig: str | None = None) -> Credentials:
+    """Credentials from `kubeconfig`, $KUBECONFIG or ~/.kube/config, or the pod's ServiceAccount
+    when none of those exists and the process runs in a cluster."""
+    path = kubeconfig or os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+    if not Path(path).exists() and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        return Credentials(
+            server=f"https://{host}:{port}",
+            ca_data=(SA_DIR / "ca.crt").read_bytes(),
+            token_path=SA_DIR / "token",
+            namespace=(SA_DIR / "namespace").read_text().strip(),
+        )
+    config = yaml.safe_load(Path(path).read_text())
+    base = Path(path).resolve().parent
+    ctx_name = config.get("current-context")
+    ctx = next(c["context"] for c in config["contexts"] if c["name"] == ctx_name)
+    cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == ctx["cluster"])
+    user = next((u["user"] for u in config.get("users", []) if u["name"] == ctx.get("user")), {})
+    return Credentials(
+        server=cluster["server"],
+        ca_data=_file_or_data(cluster, "certificate-authority", base),
+        cert_data=_file_or_data(user, "client-certificate", base),
+        key_data=_file_or_data(user, "client-key", base),
+        token=user.get("token"),
+        token_path=base / user["tokenFile"] if user.get("tokenFile") else None,
+        insecure=bool(cluster.get("insecure-skip-tls-verify")),
+        namespace=ctx.get("namespace", "default"),
+    )
+
+
+def _ssl_context(creds: Credentials) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=creds.ca_data.decode() if creds.ca_data else None)
+    if creds.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if creds.cert_data and creds.key_data:
+        # ssl only loads client certificates from files: write them to a private temp folder.
+        with tempfile.TemporaryDirectory() as tmp:
+            cert, key = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
+            cert.write_bytes(creds.cert_data)
+            key.write_bytes(creds.key_data)
+            ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def object_path(api_version: str, kind: str, namespace: str | None, name: str | None = None) -> str:
+    """The REST path of a namespaced object (or of its collection when `name` is None)."""
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    plural = PLURALS[(api_version, kind)]
+    path = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
+    return f"{path}/{quote(name)}" if name else path
+
+
+class KubeClient:
+    """An aiohttp session against one API server; counts its requests by verb for metrics/benches."""
+
+    def __init__(self, creds: Credentials, timeout: float = 30.0) -> None:
+        self.creds = creds
+        self.requests: collections.Counter[str] = collections.Counter()
+        self._ssl = _ssl_context(creds)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        """Send one request; return the decoded JSON body or raise ApiError."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=32), timeout=self._timeout
+            )
+        headers = {"Accept": "application/json"}
+        if token := self.creds.bearer():
+            headers["Authorization"] = f"Bearer {token}"
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body, separators=(",", ":"))
+        self.requests[method] += 1
+        async with self._session.request(
+            method, self.creds.server + path, data=data, params=params, headers=headers
+        ) as resp:
+            text = await resp.text()
+            try:
+                payload = json.loads(text) if text else {}
+            except json.JSONDecodeError:
+                payload = text
+            if resp.status >= 400:
+                raise ApiError(resp.status, payload)
+            result: dict[str, Any] = payload if isinstance(payload, dict) else {}
+            return result
+
+    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:
+        """Server-side apply `obj` (a complete manifest) as the operator's field manager."""
+        meta = obj["metadata"]
+        path = object_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        params = {"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"}
+        return await self.request(
+            "PATCH", path, body=obj, params=params, content_type="application/apply-patch+yaml"
+        )
+
+    async def get(self, path: str) -> dict[str, Any] | None:
+        """GET one object; None when it does not exist."""
+        try:
+            return await self.request("GET", path)
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    async def list(self, path: str, **params: str) -> list[dict[str, Any]]:
+        """GET a collection and return its items."""
+        items: list[dict[str, Any]] = (await self.request("GET", path, params=params)).get("items", [])
+        return items
+
+    async def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch (used for the status subresource, which the operator alone writes)."""
+        return await self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")

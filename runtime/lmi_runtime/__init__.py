@@ -1,0 +1,1 @@
+"""lmi-runtime: LMI configuration to the vLLM async engine, served over the LMI and OpenAI APIs."""

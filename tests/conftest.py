@@ -1,0 +1,41 @@
+"""Session fixtures: one real local control plane (etcd, apiserver, controllers, scheduler, kwok)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster, tools_bin_dir
+
+KWOK_STAGES = sorted((REPO_ROOT / "tools" / "kwok").glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The local control plane, started once per test session and stopped at its end."""
+    local = LocalCluster(tmp_path_factory.mktemp("cluster"), tools_bin_dir(), extra_stages=KWOK_STAGES)
+    local.start()
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def namespace(cluster: LocalCluster) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards (without waiting)."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The checkout's root folder."""
+    return REPO_ROOT
