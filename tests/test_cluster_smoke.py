@@ -91,7 +91,9 @@ def test_nine_gpus_stay_pending_with_the_schedulers_reason(cluster: LocalCluster
 
 def test_deleting_an_owner_deletes_what_it_owns(cluster: LocalCluster, namespace: str) -> None:
     cluster.kubectl("create", "configmap", "owner", "-n", namespace)
-    uid = cluster.kubectl("get", "configmap", "owner", "-n", namespace, "-o", "jsonpath={.metadata.uid}").stdout
+    uid = cluster.kubectl(
+        "get", "configmap", "owner", "-n", namespace, "-o", "jsonpath={.metadata.uid}"
+    ).stdout
     child = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -137,7 +139,12 @@ def test_a_crd_becomes_served(cluster: LocalCluster, namespace: str) -> None:
     }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(crd))
     cluster.kubectl("wait", "--for=condition=Established", "crd/widgets.smoke.example.com", "--timeout=60s")
-    widget = {"apiVersion": "smoke.example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 3}}
+    widget = {
+        "apiVersion": "smoke.example.com/v1",
+        "kind": "Widget",
+        "metadata": {"name": "w"},
+        "spec": {"size": 3},
+    }
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(widget))
     got = json.loads(cluster.kubectl("get", "widget", "w", "-n", namespace, "-o", "json").stdout)
     assert got["spec"] == {"size": 3}

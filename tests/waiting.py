@@ -9,7 +9,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def eventually(probe: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.25, what: str = "") -> T:
+def eventually(
+    probe: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.25, what: str = ""
+) -> T:
     """Call `probe` until it returns a truthy value and return it; fail after `timeout` seconds,
     showing the last value (or exception) seen."""
     deadline = time.monotonic() + timeout

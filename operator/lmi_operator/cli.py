@@ -15,6 +15,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     crd.add_argument("--out", default="crds", help="folder to write into (default: crds)")
     docs = sub.add_parser("docs", help="write the API reference generated from the API models")
     docs.add_argument("--out", default="docs/api.md", help="file to write (default: docs/api.md)")
+    run = sub.add_parser("run", help="run the operator (settings from LMI_OPERATOR_* variables)")
+    run.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, in-cluster)"
+    )
+    render = sub.add_parser("render", help="print the manifests of the LMIModels in FILE, without a cluster")
+    render.add_argument("file", help="YAML file with one or more LMIModels ('-' for stdin)")
+    render.add_argument("--namespace", default="default", help="namespace of models that name none")
     args = parser.parse_args(argv)
 
     if args.command == "crd":
@@ -22,6 +29,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for path in crd_module.write(args.out):
             print(path)
+    elif args.command == "run":
+        from lmi_operator import main as operator_main
+
+        return operator_main.main(args.kubeconfig)
+    elif args.command == "render":
+        from lmi_operator import render_file
+
+        try:
+            sys.stdout.write(render_file.render_yaml(args.file, args.namespace))
+        except render_file.RenderError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     elif args.command == "docs":
         from lmi_operator import apidocs
 

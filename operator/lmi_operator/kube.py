@@ -73,7 +73,7 @@ def _file_or_data(entry: Mapping[str, Any], key: str, base: Path) -> bytes | Non
     if data := entry.get(f"{key}-data"):
         return base64.b64decode(data)
     if path := entry.get(key):
-        return (base / path).read_bytes()
+        return (base / str(path)).read_bytes()
     return None
 
 
@@ -94,7 +94,9 @@ def load_credentials(kubeconfig: str | None = None) -> Credentials:
     ctx_name = config.get("current-context")
     ctx = next(c["context"] for c in config["contexts"] if c["name"] == ctx_name)
     cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == ctx["cluster"])
-    user = next((u["user"] for u in config.get("users", []) if u["name"] == ctx.get("user")), {})
+    user: dict[str, Any] = next(
+        (u["user"] for u in config.get("users", []) if u["name"] == ctx.get("user")), {}
+    )
     return Credentials(
         server=cluster["server"],
         ca_data=_file_or_data(cluster, "certificate-authority", base),

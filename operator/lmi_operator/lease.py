@@ -65,7 +65,7 @@ class LeaderElector:
                     last_ok = _now()
                     continue
                 log.error("lease %s taken by another replica", self.config.name)
-            except (ApiError, OSError, asyncio.TimeoutError) as err:
+            except (TimeoutError, ApiError, OSError) as err:
                 if (_now() - last_ok).total_seconds() < self.config.duration:
                     log.warning("lease renewal failed, retrying: %s", err)
                     continue

@@ -1,1 +1,2 @@
-"""A real local Kubernetes control plane (etcd, apiserver, controllers, scheduler, kwok) for tests and demos."""
+"""A real local Kubernetes control plane (etcd, apiserver, controllers, scheduler, kwok) for tests
+and demos."""

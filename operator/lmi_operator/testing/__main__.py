@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     """Bring the local cluster up (detached), tear it down, or show what runs."""
     parser = argparse.ArgumentParser(prog="python -m lmi_operator.testing", description=__doc__)
     parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"cluster folder (default {DEFAULT_DIR})")
+    parser.add_argument(
+        "--dir", type=Path, default=DEFAULT_DIR, help=f"cluster folder (default {DEFAULT_DIR})"
+    )
     args = parser.parse_args(argv)
     cluster = LocalCluster(args.dir, tools_bin_dir())
 

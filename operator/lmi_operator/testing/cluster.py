@@ -114,7 +114,9 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         try:
             self._spawn("etcd", self._etcd_args(ports), detach)
-            self._wait("etcd", deadline, lambda: self._http_ok(f"http://127.0.0.1:{ports.etcd_client}/health"))
+            self._wait(
+                "etcd", deadline, lambda: self._http_ok(f"http://127.0.0.1:{ports.etcd_client}/health")
+            )
             self._spawn("kube-apiserver", self._apiserver_args(pki, ports), detach)
             self._wait("kube-apiserver", deadline, lambda: self._https_ok(pki, ports.apiserver, "/readyz"))
             self._spawn("kube-controller-manager", self._kcm_args(pki, ports), detach)
@@ -130,7 +132,12 @@ class LocalCluster:
             self._create_nodes()
             self._wait("kwok", deadline, self._nodes_ready, "done making the fake nodes Ready")
             # Pods cannot be created in a namespace until its default ServiceAccount exists.
-            self._wait("kube-controller-manager", deadline, self._default_sa, "done creating the default ServiceAccount")
+            self._wait(
+                "kube-controller-manager",
+                deadline,
+                self._default_sa,
+                "done creating the default ServiceAccount",
+            )
         except BaseException:
             self.stop()
             raise
@@ -184,7 +191,9 @@ class LocalCluster:
         }[component]()
         self._spawn(component, args, detach=False)
         if component == "kube-apiserver":
-            self._wait(component, time.monotonic() + timeout, lambda: self._https_ok(pki, ports.apiserver, "/readyz"))
+            self._wait(
+                component, time.monotonic() + timeout, lambda: self._https_ok(pki, ports.apiserver, "/readyz")
+            )
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120.0
@@ -354,12 +363,19 @@ class LocalCluster:
     def _create_nodes(self) -> None:
         for node in self.nodes:
             manifest = node.manifest()
-            self.kubectl("apply", "--server-side", "--field-manager=lmi-local-cluster", "-f", "-",
-                         input=json.dumps(manifest))
+            self.kubectl(
+                "apply",
+                "--server-side",
+                "--field-manager=lmi-local-cluster",
+                "-f",
+                "-",
+                input=json.dumps(manifest),
+            )
             # A Node's status is dropped on create by some versions: set it through the subresource.
             status = {"status": manifest["status"]}
-            self.kubectl("patch", "node", node.name, "--subresource=status", "--type=merge",
-                         "-p", json.dumps(status))
+            self.kubectl(
+                "patch", "node", node.name, "--subresource=status", "--type=merge", "-p", json.dumps(status)
+            )
 
     def _nodes_ready(self) -> bool:
         out = self.kubectl("get", "nodes", "-o", "json").stdout

@@ -1,0 +1,119 @@
+"""`lmi-operator run`: leader election, metrics, then kopf and the reconcile workers until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import kopf
+
+from lmi_operator import metrics
+from lmi_operator.handlers import build
+from lmi_operator.kube import KubeClient, load_credentials
+from lmi_operator.lease import LeaderElector, LeaseConfig
+from lmi_operator.reconciler import Reconciler
+from lmi_operator.settings import OperatorSettings
+
+log = logging.getLogger("lmi_operator")
+
+
+class LeadershipLost(RuntimeError):
+    """The Lease was lost: exit so that the process restarts as a follower."""
+
+
+async def run_operator(
+    settings: OperatorSettings,
+    kubeconfig: str | None = None,
+    stop: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
+) -> Reconciler:
+    """Run until `stop` is set (or SIGTERM/SIGINT); returns the reconciler (its counters) at the end.
+    Raises LeadershipLost when another replica took the Lease."""
+    creds = load_credentials(kubeconfig)
+    client = KubeClient(creds)
+    stop = stop or asyncio.Event()
+    lost = asyncio.Event()
+    elector: LeaderElector | None = None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(RuntimeError, ValueError):  # not the main thread (tests)
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        if settings.leader_election:
+            elector = LeaderElector(
+                client,
+                LeaseConfig(
+                    namespace=settings.lease_namespace or creds.namespace,
+                    name=settings.lease_name,
+                    identity=settings.identity,
+                    duration=settings.lease_duration_seconds,
+                    renew_every=settings.lease_duration_seconds / 3,
+                ),
+            )
+            acquiring = asyncio.create_task(elector.acquire())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not acquiring.done():
+                acquiring.cancel()
+                return Reconciler(client, settings)
+            metrics.LEADER.set(1)
+
+        reconciler = Reconciler(client, settings)
+        registry, kopf_settings = build(reconciler, creds, settings)
+        kopf_stop: asyncio.Future[None] = loop.create_future()
+        liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+        tasks = [
+            asyncio.create_task(reconciler.run(), name="reconcile-workers"),
+            asyncio.create_task(
+                kopf.operator(
+                    registry=registry,
+                    settings=kopf_settings,
+                    standalone=True,
+                    clusterwide=not settings.namespaces,
+                    namespaces=settings.namespaces,
+                    liveness_endpoint=liveness,
+                    stop_flag=kopf_stop,
+                    ready_flag=ready,
+                ),
+                name="kopf",
+            ),
+        ]
+        if elector is not None:
+            tasks.append(asyncio.create_task(elector.keep(lost.set), name="lease"))
+        waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(lost.wait())]
+        done, _ = await asyncio.wait([*tasks, *waiters], return_when=asyncio.FIRST_COMPLETED)
+        if not kopf_stop.done():
+            kopf_stop.set_result(None)
+        for task in [*tasks, *waiters]:
+            if task.get_name() != "kopf":
+                task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
+        for task in done:
+            if task in tasks and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        if lost.is_set():
+            raise LeadershipLost(f"lease {settings.lease_name} lost by {settings.identity}")
+        return reconciler
+    finally:
+        metrics.LEADER.set(0)
+        if elector is not None and not lost.is_set():
+            with contextlib.suppress(Exception):
+                await elector.release()
+        await client.close()
+
+
+def main(kubeconfig: str | None = None) -> int:
+    """Entry point of `lmi-operator run`: exit code 0 on a clean stop, 1 when leadership was lost."""
+    settings = OperatorSettings.from_env()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    try:
+        asyncio.run(run_operator(settings, kubeconfig))
+    except LeadershipLost as err:
+        log.error("%s; exiting", err)
+        return 1
+    return 0

@@ -1,0 +1,339 @@
+"""The reconcile loop: keeps each LMIModel's children applied and its status true.
+
+Level-based: watch events only update in-memory copies of the objects and queue the owning
+model's key; one reconcile per key at a time compares desired with observed state and writes only
+what differs. An unchanged world therefore costs no API request at all."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmi_operator import metrics
+from lmi_operator.api import API_VERSION, KIND, InvalidLMIModel, LMIModel, parse_lmimodel
+from lmi_operator.drift import contains
+from lmi_operator.engine_options import check_options
+from lmi_operator.kube import ApiError, KubeClient, object_path
+from lmi_operator.render import MODEL_LABEL, gpu_resource_of, render, selector_of, selector_string
+from lmi_operator.settings import OperatorSettings
+from lmi_operator.status import INSUFFICIENT_GPU, READY, Observed, build_status, problem_of
+from lmi_operator.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]
+
+# Children the operator creates only in some cases, pruned when the spec no longer asks for them.
+OPTIONAL_KINDS = {
+    "PodDisruptionBudget": "policy/v1",
+    "HorizontalPodAutoscaler": "autoscaling/v2",
+}
+# How often to look again at a model whose pods are loading (to notice a StartupTimeout) or whose
+# Secret is missing (Secrets are not watched, by design).
+RECHECK_SECONDS = 30.0
+
+
+def _rv(obj: Mapping[str, Any]) -> int:
+    try:
+        return int(obj.get("metadata", {}).get("resourceVersion", "0"))
+    except ValueError:
+        return 0
+
+
+def _key_of(obj: Mapping[str, Any]) -> Key:
+    meta = obj["metadata"]
+    return meta.get("namespace", ""), meta["name"]
+
+
+def owner_key(obj: Mapping[str, Any]) -> Key | None:
+    """The LMIModel that controls a child, from its controller owner reference or model label."""
+    meta = obj.get("metadata", {})
+    for ref in meta.get("ownerReferences", []):
+        if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(API_VERSION.split("/")[0]):
+            return meta.get("namespace", ""), ref["name"]
+    if name := meta.get("labels", {}).get(MODEL_LABEL):
+        return meta.get("namespace", ""), name
+    return None
+
+
+@dataclass
+class ModelState:
+    """What the operator has seen of one LMIModel and its children."""
+
+    model: dict[str, Any] | None = None
+    children: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Reconciler:
+    """Holds the observed objects and reconciles LMIModels from them through a work queue."""
+
+    def __init__(self, client: KubeClient, settings: OperatorSettings) -> None:
+        self.client = client
+        self.settings = settings
+        self.state: dict[Key, ModelState] = {}
+        self.queue: WorkQueue[Key] = WorkQueue(self.reconcile, workers=settings.workers)
+        self.last_progress = time.monotonic()
+        self._free_gpus: tuple[float, dict[str, int]] | None = None
+
+    # -- observations (from watch events) ---------------------------------------------------------
+
+    def _state(self, key: Key) -> ModelState:
+        return self.state.setdefault(key, ModelState())
+
+    def observe_model(self, obj: dict[str, Any], deleted: bool) -> None:
+        """An LMIModel was added, changed or deleted."""
+        key = _key_of(obj)
+        st = self._state(key)
+        if deleted:
+            st.model = None
+            if not st.children and not st.pods:
+                self.state.pop(key, None)
+            return
+        if st.model is None or _rv(obj) >= _rv(st.model):
+            st.model = obj
+        self.queue.add(key)
+
+    def observe_child(self, obj: dict[str, Any], deleted: bool) -> None:
+        """A ConfigMap, Service, Deployment, PDB or HPA labelled as ours changed."""
+        key = owner_key(obj)
+        if key is None:
+            return
+        st = self._state(key)
+        kind = obj["kind"]
+        if deleted:
+            st.children.pop(kind, None)
+        elif kind not in st.children or _rv(obj) >= _rv(st.children[kind]):
+            st.children[kind] = obj
+        self.queue.add(key)
+
+    def observe_pod(self, obj: dict[str, Any], deleted: bool) -> None:
+        """A model server pod changed."""
+        key = owner_key(obj)
+        if key is None:
+            return
+        st = self._state(key)
+        name = obj["metadata"]["name"]
+        if deleted:
+            st.pods.pop(name, None)
+        else:
+            st.pods[name] = obj
+        self.queue.add(key)
+
+    # -- reconcile ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Process the queue until cancelled."""
+        await self.queue.run()
+
+    async def reconcile(self, key: Key) -> None:
+        """Bring one LMIModel's children and status in line with its spec."""
+        started = time.perf_counter()
+        try:
+            await self._reconcile(key)
+        except Exception:
+            metrics.RECONCILES.labels("error").inc()
+            raise
+        finally:
+            self.last_progress = time.monotonic()
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+            metrics.QUEUE_DEPTH.set(len(self.queue))
+        metrics.RECONCILES.labels("ok").inc()
+
+    async def _reconcile(self, key: Key) -> None:
+        st = self.state.get(key)
+        if st is None or st.model is None or st.model["metadata"].get("deletionTimestamp"):
+            return
+        body = st.model
+        invalid: str | None = None
+        obj: LMIModel | None = None
+        try:
+            obj = parse_lmimodel(body)
+            invalid = check_options(obj.spec.engine.options)
+        except InvalidLMIModel as err:
+            invalid = str(err)
+        if obj is None or invalid is not None:
+            # Nothing is applied from an invalid spec: what runs keeps running as it was.
+            await self._write_status(key, body, self._observed(key, body, None, invalid=invalid))
+            return
+
+        rendered = render(obj, self.settings)
+        for desired in rendered.objects:
+            live = st.children.get(desired["kind"])
+            if live is None or not contains(live, desired):
+                applied = await self.client.apply(desired)
+                metrics.API_WRITES.labels(desired["kind"]).inc()
+                st.children[desired["kind"]] = applied
+        wanted = {o["kind"] for o in rendered.objects}
+        for kind, api_version in OPTIONAL_KINDS.items():
+            if kind in st.children and kind not in wanted:
+                await self._delete(api_version, kind, key)
+                st.children.pop(kind, None)
+
+        missing = await self._missing_secret(obj)
+        observed = self._observed(key, body, obj, missing_secret=missing, options=rendered.options)
+        problem = problem_of(observed)
+        if problem is not None and problem.reason == INSUFFICIENT_GPU:
+            observed = self._with_free_gpus(observed, await self._free_gpus_by_node(observed.gpu_resource))
+        await self._write_status(key, body, observed)
+        ready = next(c for c in self._status_of(st)["conditions"] if c["type"] == READY)
+        if ready["status"] != "True" and (st.pods or missing):
+            self.queue.add_after(key, RECHECK_SECONDS)
+
+    def _status_of(self, st: ModelState) -> dict[str, Any]:
+        status: dict[str, Any] = (st.model or {}).get("status") or {}
+        return status
+
+    def _observed(
+        self,
+        key: Key,
+        body: Mapping[str, Any],
+        obj: LMIModel | None,
+        invalid: str | None = None,
+        missing_secret: str | None = None,
+        options: Mapping[str, str] | None = None,
+    ) -> Observed:
+        st = self._state(key)
+        spec = body.get("spec", {})
+        deployment = st.children.get("Deployment")
+        if obj is not None:
+            desired = obj.spec.replicas
+            if obj.spec.autoscaling is not None:
+                desired = (
+                    (deployment or {}).get("spec", {}).get("replicas", obj.spec.autoscaling.min_replicas)
+                )
+            gpus = obj.spec.resources.gpus
+            gpu_resource = gpu_resource_of(obj.spec, self.settings)
+            timeout = obj.spec.startup.timeout_seconds
+        else:
+            desired = int(spec.get("replicas", 1)) if isinstance(spec.get("replicas", 1), int) else 1
+            gpus, gpu_resource, timeout = 0, self.settings.gpu_resource_name, 3600
+        pods = [p for p in st.pods.values() if not p["metadata"].get("deletionTimestamp")]
+        return Observed(
+            name=key[1],
+            namespace=key[0],
+            generation=int(body["metadata"].get("generation", 1)),
+            desired_replicas=desired,
+            gpus_per_replica=gpus,
+            gpu_resource=gpu_resource,
+            startup_timeout_seconds=timeout,
+            deployment=deployment,
+            pods=pods,
+            invalid_spec=invalid,
+            missing_secret=missing_secret,
+            engine_options=options or {},
+            selector=selector_string(selector_of(key[1])),
+        )
+
+    @staticmethod
+    def _with_free_gpus(observed: Observed, free: dict[str, int]) -> Observed:
+        return Observed(**{**observed.__dict__, "free_gpus_by_node": free})
+
+    async def _write_status(self, key: Key, body: Mapping[str, Any], observed: Observed) -> None:
+        st = self._state(key)
+        previous = body.get("status") or {}
+        status = build_status(observed, previous)
+        if status == previous:
+            return
+        path = object_path(API_VERSION, KIND, key[0], key[1]) + "/status"
+        try:
+            updated = await self.client.merge_patch(path, {"status": status})
+        except ApiError as err:
+            if err.status == 404:
+                return
+            raise
+        metrics.API_WRITES.labels("LMIModelStatus").inc()
+        if st.model is None or _rv(updated) >= _rv(st.model):
+            st.model = updated
+        await self._record_transitions(key, body, previous, status)
+
+    async def _record_transitions(
+        self, key: Key, body: Mapping[str, Any], previous: Mapping[str, Any], status: Mapping[str, Any]
+    ) -> None:
+        before = {c["type"]: c for c in previous.get("conditions", [])}
+        for cond in status["conditions"]:
+            if cond["type"] != READY:
+                continue
+            old = before.get(READY)
+            if (
+                old is not None
+                and old.get("status") == cond["status"]
+                and old.get("reason") == cond["reason"]
+            ):
+                continue
+            await self._event(key, body, cond["reason"], cond["message"], cond["status"] == "True")
+
+    async def _event(
+        self, key: Key, body: Mapping[str, Any], reason: str, message: str, normal: bool
+    ) -> None:
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{key[1]}.", "namespace": key[0]},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": key[1],
+                "namespace": key[0],
+                "uid": body["metadata"].get("uid"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Normal" if normal else "Warning",
+            "source": {"component": "lmi-operator"},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.client.request("POST", object_path("v1", "Event", key[0]), body=event)
+            metrics.API_WRITES.labels("Event").inc()
+        except ApiError as err:  # an event is a courtesy: never fail a reconcile for it
+            log.warning("could not record event %s on %s/%s: %s", reason, *key, err)
+
+    async def _delete(self, api_version: str, kind: str, key: Key) -> None:
+        try:
+            await self.client.request("DELETE", object_path(api_version, kind, key[0], key[1]))
+            metrics.API_WRITES.labels(kind).inc()
+        except ApiError as err:
+            if err.status != 404:
+                raise
+
+    async def _missing_secret(self, obj: LMIModel) -> str | None:
+        ref = obj.spec.model.hf_token_secret_ref
+        if ref is None:
+            return None
+        namespace = str(obj.metadata.namespace)
+        secret = await self.client.get(object_path("v1", "Secret", namespace, ref.name))
+        if secret is None:
+            return f"spec.model.hfTokenSecretRef: Secret {ref.name!r} not found in namespace {namespace!r}"
+        if ref.key not in (secret.get("data") or {}):
+            return f"spec.model.hfTokenSecretRef: Secret {ref.name!r} has no key {ref.key!r}"
+        return None
+
+    async def _free_gpus_by_node(self, gpu_resource: str) -> dict[str, int]:
+        """Unallocated GPUs per schedulable node; cached briefly, since only shortage reports need it."""
+        now = time.monotonic()
+        if self._free_gpus is not None and now - self._free_gpus[0] < 10:
+            return self._free_gpus[1]
+        nodes = await self.client.list("/api/v1/nodes")
+        free: dict[str, int] = {}
+        for node in nodes:
+            gpus = int(node.get("status", {}).get("allocatable", {}).get(gpu_resource, "0") or 0)
+            if gpus and not node.get("spec", {}).get("unschedulable"):
+                free[node["metadata"]["name"]] = gpus
+        pods = await self.client.list(
+            "/api/v1/pods", fieldSelector="status.phase!=Succeeded,status.phase!=Failed"
+        )
+        for pod in pods:
+            node_name = pod.get("spec", {}).get("nodeName")
+            if node_name not in free:
+                continue
+            for c in pod["spec"].get("containers", []):
+                free[node_name] -= int(c.get("resources", {}).get("requests", {}).get(gpu_resource, "0") or 0)
+        self._free_gpus = (now, free)
+        return free

@@ -1,0 +1,381 @@
+"""Rendering: an LMIModel to the Kubernetes objects that serve it. Pure: same input, same output.
+
+The objects are complete server-side-apply manifests: every field listed here is owned by the
+operator's field manager, every field left out is left to others (replicas under an HPA)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lmi_operator.api import API_VERSION, KIND, LMIModel, LMIModelSpec
+from lmi_operator.properties import lmi_environment, lmi_options, serving_properties
+from lmi_operator.settings import OperatorSettings
+
+MODEL_DIR = "/opt/ml/model"
+CACHE_DIR = "/opt/ml/cache"
+PORT = 8080
+MODEL_LABEL = "serving.lmi.dev/model"
+CONFIG_HASH = "serving.lmi.dev/config-hash"
+MANAGED_BY = "lmi-operator"
+RUNTIME_UID = 1000
+# The probe period of the startup probe; its failureThreshold spends spec.startup.timeoutSeconds.
+STARTUP_PERIOD = 10
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The objects of one LMIModel, in apply order, and facts the status needs."""
+
+    objects: tuple[dict[str, Any], ...]
+    selector: dict[str, str]
+    options: dict[str, str]
+
+    def by_kind(self, kind: str) -> dict[str, Any] | None:
+        """The rendered object of `kind`, if any."""
+        return next((o for o in self.objects if o["kind"] == kind), None)
+
+
+def labels_of(name: str) -> dict[str, str]:
+    """The recommended app.kubernetes.io labels, plus the model label that selects the pods."""
+    return {
+        "app.kubernetes.io/name": "lmimodel",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "model-server",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MODEL_LABEL: name,
+    }
+
+
+def selector_of(name: str) -> dict[str, str]:
+    """The pod selector of a model's Deployment, Service and PDB (never changes for a name)."""
+    return {MODEL_LABEL: name, "app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def config_map_name(name: str) -> str:
+    """The name of the ConfigMap holding a model's serving.properties."""
+    return f"{name}-lmi-config"
+
+
+def _meta(obj: LMIModel, name: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": obj.metadata.namespace,
+        "labels": labels_of(str(obj.metadata.name)),
+    }
+    if obj.metadata.uid:
+        # Without a uid (rendering a file, no cluster) there is no owner to point at yet.
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": obj.metadata.name,
+                "uid": obj.metadata.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    return meta
+
+
+def _quantity(value: int | str) -> str:
+    return str(value)
+
+
+def _config_map(obj: LMIModel) -> dict[str, Any]:
+    data = {"serving.properties": serving_properties(obj.spec)}
+    if obj.spec.handler is not None and obj.spec.handler.model_py is not None:
+        data["model.py"] = obj.spec.handler.model_py
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(obj, config_map_name(str(obj.metadata.name))),
+        "data": data,
+    }
+
+
+def _env(spec: LMIModelSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in lmi_environment(spec).items()]
+    env += [
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/hf"},
+        {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_DIR}/vllm"},
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
+        {"name": "HOME", "value": CACHE_DIR},
+    ]
+    if spec.lora is not None and spec.lora.enabled and spec.lora.adapters:
+        adapters = {a.name: a.source for a in spec.lora.adapters}
+        env.append({"name": "LMI_ADAPTERS", "value": json.dumps(adapters, sort_keys=True)})
+    if ref := spec.model.hf_token_secret_ref:
+        # By reference only: the token never appears in a ConfigMap, annotation or status.
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    for var in spec.env:
+        env.append(var.model_dump(by_alias=True, exclude_none=True))
+    return env
+
+
+def _volumes(obj: LMIModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    spec = obj.spec
+    cm = config_map_name(str(obj.metadata.name))
+    shm: dict[str, Any] = {"medium": "Memory"}
+    if spec.resources.shm_size is not None:
+        shm["sizeLimit"] = _quantity(spec.resources.shm_size)
+    volumes: list[dict[str, Any]] = [
+        {"name": "model-dir", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": shm},
+        {"name": "lmi-config", "configMap": {"name": cm}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "model-dir", "mountPath": MODEL_DIR},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {
+            "name": "lmi-config",
+            "mountPath": f"{MODEL_DIR}/serving.properties",
+            "subPath": "serving.properties",
+            "readOnly": True,
+        },
+    ]
+    handler = spec.handler
+    if handler is not None and handler.model_py is not None:
+        mounts.append(
+            {
+                "name": "lmi-config",
+                "mountPath": f"{MODEL_DIR}/model.py",
+                "subPath": "model.py",
+                "readOnly": True,
+            }
+        )
+    elif handler is not None and handler.config_map_ref is not None:
+        ref = handler.config_map_ref
+        volumes.append(
+            {
+                "name": "handler",
+                "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": "model.py"}]},
+            }
+        )
+        mounts.append(
+            {"name": "handler", "mountPath": f"{MODEL_DIR}/model.py", "subPath": "model.py", "readOnly": True}
+        )
+    return volumes, mounts
+
+
+def _resources(spec: LMIModelSpec, gpu_resource: str) -> dict[str, Any]:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if spec.resources.cpu is not None:
+        requests["cpu"] = _quantity(spec.resources.cpu)
+    if spec.resources.memory is not None:
+        requests["memory"] = limits["memory"] = _quantity(spec.resources.memory)
+    if spec.resources.gpus:
+        requests[gpu_resource] = limits[gpu_resource] = str(spec.resources.gpus)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _probes(spec: LMIModelSpec) -> dict[str, Any]:
+    def get(path: str) -> dict[str, Any]:
+        return {"path": path, "port": "http"}
+
+    return {
+        # Weights may take an hour to download and load: the startup probe holds the others back
+        # until then, instead of a liveness probe killing a slow but healthy load.
+        "startupProbe": {
+            "httpGet": get("/ping"),
+            "periodSeconds": STARTUP_PERIOD,
+            "failureThreshold": max(1, math.ceil(spec.startup.timeout_seconds / STARTUP_PERIOD)),
+        },
+        "readinessProbe": {"httpGet": get("/ping"), "periodSeconds": 10, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": get("/ping"), "periodSeconds": 20, "failureThreshold": 6},
+    }
+
+
+def _pod_spec(obj: LMIModel, settings: OperatorSettings, gpu_resource: str) -> dict[str, Any]:
+    spec = obj.spec
+    volumes, mounts = _volumes(obj)
+    container: dict[str, Any] = {
+        "name": "model-server",
+        "image": spec.image or settings.runtime_image,
+        "args": ["serve", "--model-dir", MODEL_DIR, "--port", str(PORT)],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "env": _env(spec),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if resources := _resources(spec, gpu_resource):
+        container["resources"] = resources
+    container |= _probes(spec)
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 60,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    tolerations: list[dict[str, Any]] = []
+    if spec.resources.gpus:
+        # GPU node pools carry a NoSchedule taint on the GPU resource's name.
+        tolerations.append({"key": gpu_resource, "operator": "Exists", "effect": "NoSchedule"})
+    if sched := spec.scheduling:
+        if sched.node_selector:
+            pod["nodeSelector"] = dict(sorted(sched.node_selector.items()))
+        if sched.affinity:
+            pod["affinity"] = sched.affinity
+        if sched.priority_class_name:
+            pod["priorityClassName"] = sched.priority_class_name
+        tolerations += [t.model_dump(by_alias=True, exclude_none=True) for t in sched.tolerations]
+    if tolerations:
+        pod["tolerations"] = tolerations
+    return pod
+
+
+def _strategy(spec: LMIModelSpec) -> dict[str, Any]:
+    rollout = spec.rollout
+    if rollout.strategy == "Recreate":
+        return {"type": "Recreate"}
+    return {
+        "type": "RollingUpdate",
+        "rollingUpdate": {
+            "maxSurge": rollout.effective_max_surge(),
+            "maxUnavailable": rollout.effective_max_unavailable(),
+        },
+    }
+
+
+def config_hash(objects: Mapping[str, Any]) -> str:
+    """A short digest of what the pods are built from: a change rolls the Deployment out."""
+    blob = json.dumps(objects, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _deployment(obj: LMIModel, settings: OperatorSettings, config: dict[str, Any]) -> dict[str, Any]:
+    spec = obj.spec
+    name = str(obj.metadata.name)
+    gpu_resource = gpu_resource_of(spec, settings)
+    pod_spec = _pod_spec(obj, settings, gpu_resource)
+    template_hash = config_hash({"config": config["data"], "pod": pod_spec})
+    dep_spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_of(name)},
+        "strategy": _strategy(spec),
+        "revisionHistoryLimit": 3,
+        # Past this, the Deployment reports ProgressDeadlineExceeded; loads get their full budget.
+        "progressDeadlineSeconds": spec.startup.timeout_seconds + 600,
+        "template": {
+            "metadata": {"labels": labels_of(name), "annotations": {CONFIG_HASH: template_hash}},
+            "spec": pod_spec,
+        },
+    }
+    if spec.autoscaling is None:
+        dep_spec = {"replicas": spec.replicas} | dep_spec
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(obj, name), "spec": dep_spec}
+
+
+def _service(obj: LMIModel) -> dict[str, Any]:
+    name = str(obj.metadata.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(obj, name),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_of(name),
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def _pdb(obj: LMIModel) -> dict[str, Any]:
+    name = str(obj.metadata.name)
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(obj, name),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_of(name)}},
+    }
+
+
+def _hpa(obj: LMIModel) -> dict[str, Any]:
+    name = str(obj.metadata.name)
+    auto = obj.spec.autoscaling
+    assert auto is not None
+    metrics: list[dict[str, Any]] = []
+    if auto.target_cpu_utilization_percentage is not None:
+        metrics.append(
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "cpu",
+                    "target": {
+                        "type": "Utilization",
+                        "averageUtilization": auto.target_cpu_utilization_percentage,
+                    },
+                },
+            }
+        )
+    for m in auto.metrics:
+        metrics.append(
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": m.name},
+                    "target": {"type": "AverageValue", "averageValue": _quantity(m.target_average_value)},
+                },
+            }
+        )
+    spec: dict[str, Any] = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+        "minReplicas": auto.min_replicas,
+        "maxReplicas": auto.max_replicas,
+        "behavior": {"scaleDown": {"stabilizationWindowSeconds": auto.scale_down_stabilization_seconds}},
+    }
+    if metrics:
+        spec["metrics"] = metrics
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(obj, name),
+        "spec": spec,
+    }
+
+
+def gpu_resource_of(spec: LMIModelSpec, settings: OperatorSettings) -> str:
+    """The extended resource GPUs are requested on: the spec's, else the operator's setting."""
+    return spec.resources.gpu_resource_name or settings.gpu_resource_name
+
+
+def render(obj: LMIModel, settings: OperatorSettings) -> Rendered:
+    """Every object an LMIModel needs, in the order they are applied (config before pods)."""
+    name = str(obj.metadata.name)
+    config = _config_map(obj)
+    objects = [config, _deployment(obj, settings, config), _service(obj)]
+    min_replicas = obj.spec.autoscaling.min_replicas if obj.spec.autoscaling else obj.spec.replicas
+    if min_replicas > 1:
+        objects.append(_pdb(obj))
+    if obj.spec.autoscaling is not None:
+        objects.append(_hpa(obj))
+    return Rendered(objects=tuple(objects), selector=selector_of(name), options=lmi_options(obj.spec))
+
+
+def selector_string(selector: Mapping[str, str]) -> str:
+    """A label selector as the scale subresource wants it (key=value,...)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))

@@ -1,0 +1,247 @@
+"""Status from observed state: what the Deployment, its Pods and the spec say, as conditions.
+
+Pure: the handler gathers the objects, this module decides. Conditions follow Kubernetes and kstatus
+conventions: Ready, Progressing and Degraded for people and Argo CD; Reconciling and Stalled
+(abnormal-true) for kstatus, hence Flux and `kubectl wait`."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+READY, PROGRESSING, DEGRADED, RECONCILING, STALLED = (
+    "Ready",
+    "Progressing",
+    "Degraded",
+    "Reconciling",
+    "Stalled",
+)
+CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, RECONCILING, STALLED)
+
+# Reasons: Ready/Progressing and the problems that put Degraded (and Stalled) to True.
+AVAILABLE = "Available"
+ROLLOUT_IN_PROGRESS = "RolloutInProgress"
+INSUFFICIENT_GPU = "InsufficientGPU"
+IMAGE_PULL_FAILED = "ImagePullFailed"
+CRASH_LOOP = "CrashLoop"
+OOM_KILLED = "OOMKilled"
+MISSING_SECRET = "MissingSecret"
+STARTUP_TIMEOUT = "StartupTimeout"
+INVALID_SPEC = "InvalidSpec"
+PROBLEM_REASONS = (
+    INVALID_SPEC,
+    MISSING_SECRET,
+    INSUFFICIENT_GPU,
+    IMAGE_PULL_FAILED,
+    OOM_KILLED,
+    CRASH_LOOP,
+    STARTUP_TIMEOUT,
+)
+
+_IMAGE_PULL = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that keeps the model from serving, with a message that names what to fix."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the status is derived from, gathered by the handler."""
+
+    name: str
+    namespace: str
+    generation: int
+    desired_replicas: int
+    gpus_per_replica: int
+    gpu_resource: str
+    startup_timeout_seconds: int
+    deployment: Mapping[str, Any] | None
+    pods: Sequence[Mapping[str, Any]] = ()
+    invalid_spec: str | None = None
+    missing_secret: str | None = None
+    free_gpus_by_node: Mapping[str, int] | None = None
+    engine_options: Mapping[str, str] = field(default_factory=dict)
+    selector: str = ""
+    now: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
+
+
+def _parse_time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+
+
+def _rfc3339(ts: datetime.datetime) -> str:
+    return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _container_statuses(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    status = pod.get("status", {})
+    statuses: list[Mapping[str, Any]] = status.get("initContainerStatuses", []) + status.get(
+        "containerStatuses", []
+    )
+    return statuses
+
+
+def _insufficient_gpu(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
+    for cond in pod.get("status", {}).get("conditions", []):
+        if cond.get("type") != "PodScheduled" or cond.get("reason") != "Unschedulable":
+            continue
+        message = str(cond.get("message", ""))
+        if f"Insufficient {obs.gpu_resource}" not in message:
+            return None
+        free = ""
+        if obs.free_gpus_by_node is not None:
+            best = max(obs.free_gpus_by_node.values(), default=0)
+            nodes = ", ".join(f"{n}={c}" for n, c in sorted(obs.free_gpus_by_node.items()))
+            free = f"; at most {best} free on one node ({nodes or 'no GPU nodes'})"
+        return Problem(
+            INSUFFICIENT_GPU,
+            f"requested {obs.gpus_per_replica} {obs.gpu_resource} per replica{free}; scheduler: {message}",
+        )
+    return None
+
+
+def pod_problem(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
+    """What is wrong with one pod, if anything, most actionable first."""
+    if problem := _insufficient_gpu(obs, pod):
+        return problem
+    pod_name = pod.get("metadata", {}).get("name", "?")
+    for cs in _container_statuses(pod):
+        waiting = cs.get("state", {}).get("waiting") or {}
+        reason = waiting.get("reason", "")
+        detail = waiting.get("message", "")
+        if reason in _IMAGE_PULL:
+            return Problem(
+                IMAGE_PULL_FAILED, f"pod {pod_name}: image {cs.get('image')}: {reason} {detail}".strip()
+            )
+        if reason == "CreateContainerConfigError" and "secret" in detail.lower():
+            return Problem(MISSING_SECRET, f"pod {pod_name}: {detail}")
+        terminated = cs.get("state", {}).get("terminated") or cs.get("lastState", {}).get("terminated") or {}
+        if terminated.get("reason") == "OOMKilled":
+            return Problem(
+                OOM_KILLED,
+                f"pod {pod_name}: container {cs.get('name')} was OOMKilled "
+                f"(restarts: {cs.get('restartCount', 0)}); raise spec.resources.memory",
+            )
+        if reason == "CrashLoopBackOff":
+            return Problem(
+                CRASH_LOOP,
+                f"pod {pod_name}: container {cs.get('name')} is crash-looping "
+                f"(restarts: {cs.get('restartCount', 0)}, last exit: {terminated.get('exitCode', '?')})",
+            )
+        started = _parse_time((cs.get("state", {}).get("running") or {}).get("startedAt"))
+        if started and not cs.get("ready") and not cs.get("started", False):
+            loading = (obs.now - started).total_seconds()
+            if loading > obs.startup_timeout_seconds:
+                return Problem(
+                    STARTUP_TIMEOUT,
+                    f"pod {pod_name}: not ready after {int(loading)}s, over spec.startup.timeoutSeconds="
+                    f"{obs.startup_timeout_seconds}",
+                )
+    return None
+
+
+def _deployment_numbers(obs: Observed) -> tuple[int, int, int, int, bool]:
+    dep = obs.deployment or {}
+    st = dep.get("status", {})
+    current = st.get("observedGeneration", 0) >= dep.get("metadata", {}).get("generation", 1)
+    return (
+        int(st.get("replicas", 0)),
+        int(st.get("readyReplicas", 0)),
+        int(st.get("updatedReplicas", 0)),
+        int(st.get("availableReplicas", 0)),
+        bool(current),
+    )
+
+
+def problem_of(obs: Observed) -> Problem | None:
+    """The most important reason the model cannot serve as specified, if there is one."""
+    if obs.invalid_spec:
+        return Problem(INVALID_SPEC, obs.invalid_spec)
+    if obs.missing_secret:
+        return Problem(MISSING_SECRET, obs.missing_secret)
+    problems = [p for pod in obs.pods if (p := pod_problem(obs, pod))]
+    if not problems:
+        return None
+    return min(problems, key=lambda p: PROBLEM_REASONS.index(p.reason))
+
+
+def _condition(ctype: str, status: bool, reason: str, message: str) -> dict[str, str]:
+    return {"type": ctype, "status": "True" if status else "False", "reason": reason, "message": message}
+
+
+def conditions_for(obs: Observed) -> list[dict[str, str]]:
+    """The five conditions (without timestamps) for what was observed."""
+    replicas, ready, updated, available, current = _deployment_numbers(obs)
+    desired = obs.desired_replicas
+    problem = problem_of(obs)
+    rolled_out = obs.deployment is not None and current and updated >= desired and replicas == updated
+    serving = rolled_out and available >= desired and ready >= desired
+
+    if problem is not None and problem.reason == INVALID_SPEC:
+        progress_msg = "spec not applied: fix the spec"
+    elif obs.deployment is None:
+        progress_msg = "creating the Deployment"
+    else:
+        progress_msg = f"{updated}/{desired} replicas updated, {available}/{desired} available" + (
+            f", {replicas - updated} old replicas terminating" if replicas > updated else ""
+        )
+
+    if serving:
+        ready_c = _condition(READY, True, AVAILABLE, f"{ready}/{desired} replicas ready")
+    elif problem is not None:
+        ready_c = _condition(READY, False, problem.reason, problem.message)
+    else:
+        ready_c = _condition(READY, False, ROLLOUT_IN_PROGRESS, progress_msg)
+
+    progressing = not serving and problem is None
+    progressing_c = _condition(
+        PROGRESSING,
+        progressing,
+        ROLLOUT_IN_PROGRESS if progressing else (problem.reason if problem else AVAILABLE),
+        progress_msg if progressing else (problem.message if problem else "rollout complete"),
+    )
+    degraded_c = _condition(
+        DEGRADED,
+        problem is not None,
+        problem.reason if problem else AVAILABLE,
+        problem.message if problem else "no problems observed",
+    )
+    return [
+        ready_c,
+        progressing_c,
+        degraded_c,
+        _condition(RECONCILING, progressing, progressing_c["reason"], progressing_c["message"]),
+        _condition(STALLED, problem is not None, degraded_c["reason"], degraded_c["message"]),
+    ]
+
+
+def build_status(obs: Observed, previous: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The complete status object; lastTransitionTime is kept from `previous` when a condition's
+    status did not change, so that an unchanged world yields an identical status (and no write)."""
+    before = {c.get("type"): c for c in (previous or {}).get("conditions", [])}
+    conditions = []
+    for cond in conditions_for(obs):
+        old = before.get(cond["type"])
+        changed = old is None or old.get("status") != cond["status"]
+        stamp = _rfc3339(obs.now) if changed or not old else old.get("lastTransitionTime", _rfc3339(obs.now))
+        conditions.append(cond | {"lastTransitionTime": stamp, "observedGeneration": obs.generation})
+    replicas, ready, _, _, _ = _deployment_numbers(obs)
+    return {
+        "observedGeneration": obs.generation,
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "ready": f"{ready}/{obs.desired_replicas}",
+        "selector": obs.selector,
+        "endpoint": f"http://{obs.name}.{obs.namespace}.svc.cluster.local:8080",
+        "engineOptions": dict(sorted(obs.engine_options.items())),
+        "conditions": conditions,
+    }
