@@ -1,0 +1,1095 @@
+"""The LMIModel API (serving.lmi.dev/v1alpha1): pydantic models of the spec and the status.
+
+These models are the single source of the API: `crd` derives the CRD's OpenAPI schema and CEL rules
+from them, `apidocs` the reference in docs/api.md, and the operator reads objects with
+`parse_lmimodel`. Every cross-field check is one `Rule`: its CEL expression runs in the API server,
+its Python predicate in `parse_lmimodel`, and both report the same message, naming the field.
+
+Python attributes are snake_case; the wire names (aliases) are the camelCase ones users write.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+GROUP = "serving.lmi.dev"
+VERSION = "v1alpha1"
+KIND = "LMIModel"
+PLURAL = "lmimodels"
+SINGULAR = "lmimodel"
+SHORT = "lmi"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# LMI's defaults, repeated here because rules and helpers must agree with the runtime.
+LMI_DEFAULT_MAX_LORAS = 4
+LMI_DEFAULT_BATCH_SIZE = {"async": 32, "rollingBatch": 256}
+
+Quantize = Literal[
+    # Runtime quantization: the weights are quantized while loading.
+    "fp8",
+    "bitsandbytes",
+    # Pre-quantized checkpoints; vLLM normally detects them from config.json, so these are only
+    # needed to force a kernel.
+    "awq",
+    "awq_marlin",
+    "gptq",
+    "gptq_marlin",
+    "compressed-tensors",
+    "fbgemm_fp8",
+    "modelopt",
+    "modelopt_fp4",
+    "experts_int8",
+    "quark",
+    "moe_wna16",
+    "torchao",
+    "mxfp4",
+    "gguf",
+]
+RUNTIME_QUANTIZE: tuple[str, ...] = ("fp8", "bitsandbytes")
+
+# Keys of engine.options that have a first-class field (LMI and vLLM spellings), and the field.
+FIRST_CLASS_OPTIONS: dict[str, str] = {
+    "tensor_parallel_degree": "engine.tensorParallelDegree",
+    "tensor_parallel_size": "engine.tensorParallelDegree",
+    "pipeline_parallel_degree": "engine.pipelineParallelDegree",
+    "pipeline_parallel_size": "engine.pipelineParallelDegree",
+    "quantize": "engine.quantize",
+    "quantization": "engine.quantize",
+    "max_rolling_batch_size": "engine.maxRollingBatchSize",
+    "max_num_seqs": "engine.maxRollingBatchSize",
+    "max_rolling_batch_prefill_tokens": "engine.maxRollingBatchPrefillTokens",
+    "max_num_batched_tokens": "engine.maxRollingBatchPrefillTokens",
+    "max_model_len": "engine.maxModelLen",
+    "dtype": "engine.dtype",
+    "gpu_memory_utilization": "engine.gpuMemoryUtilization",
+    "cpu_offload_gb_per_gpu": "engine.cpuOffloadGbPerGpu",
+    "cpu_offload_gb": "engine.cpuOffloadGbPerGpu",
+    "enable_prefix_caching": "engine.enablePrefixCaching",
+    "speculative_config": "engine.speculativeConfig",
+    "async_mode": "engine.mode",
+    "rolling_batch": "engine.mode",
+    "enable_lora": "lora.enabled",
+    "max_loras": "lora.maxLoras",
+    "max_lora_rank": "lora.maxLoraRank",
+    "lora_extra_vocab_size": "lora.loraExtraVocabSize",
+    "max_cpu_loras": "lora.maxCpuLoras",
+    "revision": "model.revision",
+    "trust_remote_code": "model.trustRemoteCode",
+    "tokenizer": "model.tokenizer",
+    "served_model_name": "model.servedModelName",
+    "model_loading_timeout": "startup.timeoutSeconds",
+}
+# Keys of engine.options that the operator sets itself.
+OPERATOR_OPTIONS: tuple[str, ...] = ("model_id", "model", "port", "host", "engine", "entryPoint")
+# Environment variables the LMI container reads as model configuration; they would bypass the spec.
+LMI_CONFIG_ENV: tuple[str, ...] = (
+    "HF_MODEL_ID",
+    "HF_REVISION",
+    "HF_MODEL_QUANTIZE",
+    "HF_MODEL_TRUST_REMOTE_CODE",
+    "SM_NUM_GPUS",
+    "TENSOR_PARALLEL_DEGREE",
+    "MAX_BATCH_PREFILL_TOKENS",
+    "MAX_BATCH_SIZE",
+    "ENABLE_CUDA_GRAPHS",
+    "CUDA_MEMORY_FRACTION",
+)
+
+# A Hugging Face hub id (org/name), an s3:// URL, or an absolute path. RE2 and Python agree on it.
+SOURCE_PATTERN = (
+    r"^([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?"
+    r"|/.+)$"
+)
+# The name becomes the Service's name, so it must be a DNS-1035 label.
+DNS1035_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+PERCENT_PATTERN = r"^(100|[1-9]?[0-9])%$"
+
+Reason = Literal["FieldValueInvalid", "FieldValueForbidden", "FieldValueRequired", "FieldValueDuplicate"]
+
+
+def _cel_list(items: tuple[str, ...] | list[str]) -> str:
+    return "[" + ", ".join(f"'{item}'" for item in items) + "]"
+
+
+def _cel_map(items: dict[str, str]) -> str:
+    return "{" + ", ".join(f"'{key}': '{value}'" for key, value in items.items()) + "}"
+
+
+_FIRST_CLASS = _cel_list(list(FIRST_CLASS_OPTIONS))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One validation rule of an object, enforced by the API server and by `parse_lmimodel`.
+
+    `cel` is the CEL expression (None when the schema itself enforces the rule, e.g. unique keys of
+    a list-map, and Python only mirrors it); `check` is its Python twin on the model instance.
+    `message_expression`/`explain` build a message naming the offending values, in CEL and Python.
+    `field_path` is relative to the object (".engine.options"), as CEL's fieldPath."""
+
+    cel: str | None
+    message: str
+    check: Callable[[Any], bool]
+    field_path: str = ""
+    reason: Reason = "FieldValueInvalid"
+    message_expression: str | None = None
+    explain: Callable[[Any], str] | None = None
+
+    def to_validation(self) -> dict[str, str]:
+        """The rule as an x-kubernetes-validations entry."""
+        assert self.cel is not None
+        out = {"rule": self.cel, "message": self.message}
+        if self.message_expression:
+            out["messageExpression"] = self.message_expression
+        if self.field_path:
+            out["fieldPath"] = self.field_path
+        if self.reason != "FieldValueInvalid":
+            out["reason"] = self.reason
+        return out
+
+
+def _add_rules(schema: dict[str, Any], cls: type[Any]) -> None:
+    validations = [rule.to_validation() for rule in getattr(cls, "lmi_rules", ()) if rule.cel]
+    if validations:
+        schema["x-kubernetes-validations"] = validations
+
+
+class _Object(BaseModel):
+    """Base of every API object: strict types (like the API server), camelCase names, rules."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        alias_generator=to_camel,
+        strict=True,
+        protected_namespaces=(),
+        json_schema_extra=_add_rules,
+    )
+    lmi_rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Self:
+        for rule in self.lmi_rules:
+            if not rule.check(self):
+                message = rule.explain(self) if rule.explain else rule.message
+                # Passed as context, not as the template, so that braces in it stay as they are.
+                raise PydanticCustomError(
+                    "lmi_rule", "{message}", {"message": message, "field_path": rule.field_path}
+                )
+        return self
+
+
+def _unique(items: list[Any], key: str) -> bool:
+    values = [getattr(item, key) for item in items]
+    return len(values) == len(set(values))
+
+
+# An explicit `default: {}` in the CRD makes the API server fill in the nested defaults, so rules can
+# read e.g. self.engine.pipelineParallelDegree without has() checks.
+_OBJECT_DEFAULT: dict[str, Any] = {"default": {}}
+
+
+# int | str unions become x-kubernetes-int-or-string fields in the CRD.
+Quantity = StrictInt | Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
+IntOrPercent = Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=PERCENT_PATTERN, max_length=4)]
+ResourceName = Annotated[str, Field(pattern=DNS1123_SUBDOMAIN_PATTERN, max_length=253)]
+
+
+# --- spec.model --------------------------------------------------------------------------------
+
+
+class SecretKeyRef(_Object):
+    """A key of a Secret in the LMIModel's namespace."""
+
+    name: ResourceName = Field(description="Name of the Secret.")
+    key: str = Field("token", max_length=253, description="Key in the Secret that holds the value.")
+
+
+class ModelSource(_Object):
+    """Which model to serve (LMI option.model_id, option.revision, ...)."""
+
+    lmi_rules = (
+        Rule(
+            cel=f"self.id.matches('{SOURCE_PATTERN}')",
+            message="model.id must be a Hugging Face hub id (org/name), an s3:// URL or an absolute path",
+            check=lambda m: re.fullmatch(SOURCE_PATTERN, m.id) is not None,
+            field_path=".id",
+        ),
+    )
+
+    id: str = Field(
+        min_length=1,
+        max_length=512,
+        description=(
+            "The model: a Hugging Face hub id (org/name), an s3:// URL or an absolute path in the container "
+            "(LMI HF_MODEL_ID / option.model_id)."
+        ),
+    )
+    revision: str | None = Field(
+        None, max_length=256, description="Branch, tag or commit of the hub model (LMI option.revision)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model's own Python code from the hub (LMI option.trust_remote_code)."
+    )
+    tokenizer: str | None = Field(
+        None, max_length=512, description="Tokenizer to use instead of the model's own (hub id or path)."
+    )
+    served_model_name: str | None = Field(
+        None,
+        max_length=256,
+        description="Name clients use in OpenAI requests and /ping; defaults to model.id.",
+    )
+    hf_token_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret holding a Hugging Face token (HF_TOKEN) for gated or private models."
+    )
+
+
+# --- spec.engine -------------------------------------------------------------------------------
+
+
+class Engine(_Object):
+    """vLLM engine settings, under their LMI names (serving.properties option.<name>)."""
+
+    lmi_rules = (
+        Rule(
+            cel=f"!has(self.options) || !{_FIRST_CLASS}.exists(k, k in self.options)",
+            message=(
+                "engine.options may not repeat a first-class field (LMI or vLLM spelling): "
+                "set it under spec.model, spec.engine, spec.lora or spec.startup"
+            ),
+            # Names the first offending key; a join() of all of them is beyond CEL's cost budget.
+            message_expression=(
+                f"'engine.options.' + {_FIRST_CLASS}.filter(k, k in self.options)[0] + "
+                f"' repeats a first-class field: use spec.' + "
+                f"{_cel_map(FIRST_CLASS_OPTIONS)}[{_FIRST_CLASS}.filter(k, k in self.options)[0]]"
+            ),
+            check=lambda e: not any(k in e.options for k in FIRST_CLASS_OPTIONS),
+            explain=lambda e: next(
+                f"engine.options.{k} repeats a first-class field: use spec.{field}"
+                for k, field in FIRST_CLASS_OPTIONS.items()
+                if k in e.options
+            ),
+            field_path=".options",
+        ),
+        Rule(
+            cel=f"!has(self.options) || !{_cel_list(OPERATOR_OPTIONS)}.exists(k, k in self.options)",
+            message="engine.options may not set keys the operator owns: " + ", ".join(OPERATOR_OPTIONS),
+            message_expression=(
+                f"'engine.options.' + {_cel_list(OPERATOR_OPTIONS)}.filter(k, k in self.options)[0] + "
+                "' is set by the operator'"
+            ),
+            check=lambda e: not any(k in e.options for k in OPERATOR_OPTIONS),
+            explain=lambda e: next(
+                f"engine.options.{k} is set by the operator" for k in OPERATOR_OPTIONS if k in e.options
+            ),
+            field_path=".options",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            cel="!has(self.options) || self.options.all(k, !k.startsWith('option.'))",
+            message="engine.options keys are written without the 'option.' prefix (e.g. enforce_eager)",
+            check=lambda e: not any(k.startswith("option.") for k in e.options),
+            field_path=".options",
+        ),
+        Rule(
+            cel=(
+                "!has(self.maxRollingBatchPrefillTokens) || self.maxRollingBatchPrefillTokens >= "
+                "(has(self.maxRollingBatchSize) ? self.maxRollingBatchSize : "
+                f"(self.mode == 'rollingBatch' ? {LMI_DEFAULT_BATCH_SIZE['rollingBatch']} "
+                f": {LMI_DEFAULT_BATCH_SIZE['async']}))"
+            ),
+            message=(
+                "engine.maxRollingBatchPrefillTokens must be at least engine.maxRollingBatchSize "
+                "(default 32 in async mode, 256 in rollingBatch mode)"
+            ),
+            check=lambda e: (
+                e.max_rolling_batch_prefill_tokens is None
+                or e.max_rolling_batch_prefill_tokens >= e.effective_max_rolling_batch_size()
+            ),
+            field_path=".maxRollingBatchPrefillTokens",
+        ),
+    )
+
+    tensor_parallel_degree: Annotated[int, Field(ge=1)] | Literal["max"] = Field(
+        "max",
+        description=(
+            "GPUs one model copy is split across (LMI option.tensor_parallel_degree, vLLM "
+            "tensor_parallel_size): a positive integer, or max for resources.gpus / pipelineParallelDegree."
+        ),
+    )
+    pipeline_parallel_degree: int = Field(
+        1,
+        ge=1,
+        description="Pipeline stages (LMI option.pipeline_parallel_degree, vLLM pipeline_parallel_size).",
+    )
+    quantize: Quantize | None = Field(
+        None,
+        description=(
+            "Quantization (LMI option.quantize, vLLM quantization). fp8 and bitsandbytes quantize at load "
+            "time; for pre-quantized checkpoints (AWQ, GPTQ, FP8, compressed-tensors ...) leave it unset: "
+            "vLLM reads the method from config.json and picks the fastest kernel."
+        ),
+    )
+    max_rolling_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description=(
+            "Most sequences in one batch (LMI option.max_rolling_batch_size, vLLM max_num_seqs); "
+            "LMI's default is 32 in async mode and 256 in rollingBatch mode."
+        ),
+    )
+    max_rolling_batch_prefill_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most tokens scheduled in one step (LMI option.max_rolling_batch_prefill_tokens, vLLM "
+            "max_num_batched_tokens)."
+        ),
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="Context length (prompt + output); defaults to the model's own."
+    )
+    dtype: Literal["auto", "fp16", "bf16", "fp32", "float16", "bfloat16", "float32"] | None = Field(
+        None, description="Weight and activation type (LMI option.dtype); vLLM's default is auto."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Fraction of each GPU's memory vLLM may use, in (0, 1]; vLLM's default is 0.9.",
+    )
+    cpu_offload_gb_per_gpu: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "GiB of weights per GPU kept in CPU memory (LMI option.cpu_offload_gb_per_gpu, vLLM "
+            "cpu_offload_gb); raise resources.memory to match."
+        ),
+    )
+    enable_prefix_caching: bool | None = Field(
+        None, description="Reuse the KV cache of shared prompt prefixes (LMI option.enable_prefix_caching)."
+    )
+    speculative_config: dict[str, Any] | None = Field(
+        None,
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description=(
+            "Speculative decoding, passed to vLLM's speculative_config as is, e.g. "
+            "{method: ngram, num_speculative_tokens: 5, prompt_lookup_max: 4} or "
+            "{model: <draft model>, num_speculative_tokens: 3}."
+        ),
+    )
+    mode: Literal["async", "rollingBatch"] = Field(
+        "async",
+        description=(
+            "async: LMI's recommended vLLM async service (option.async_mode=true); rollingBatch: the "
+            "legacy option.rolling_batch=vllm configuration. Both run the vLLM async engine."
+        ),
+    )
+    options: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description=(
+            "Any other vLLM engine argument, written as in serving.properties without the option. prefix "
+            "(enforce_eager: 'true', tokenizer_mode: mistral, limit_mm_per_prompt: '{\"image\": 1}'). "
+            "Values are strings; the runtime converts them and rejects unknown names."
+        ),
+    )
+
+    def effective_max_rolling_batch_size(self) -> int:
+        """maxRollingBatchSize, or LMI's default for the mode."""
+        if self.max_rolling_batch_size is not None:
+            return self.max_rolling_batch_size
+        return LMI_DEFAULT_BATCH_SIZE[self.mode]
+
+
+# --- spec.lora ---------------------------------------------------------------------------------
+
+
+class Adapter(_Object):
+    """A LoRA adapter loaded at start-up, as a sub-directory of <model dir>/adapters."""
+
+    lmi_rules = (
+        Rule(
+            cel=f"self.source.matches('{SOURCE_PATTERN}')",
+            message="lora.adapters[].source must be a Hugging Face hub id (org/name), an s3:// URL or an "
+            "absolute path",
+            check=lambda a: re.fullmatch(SOURCE_PATTERN, a.source) is not None,
+            field_path=".source",
+        ),
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$",
+        description="Name requests use to pick the adapter (X-Amzn-SageMaker-Adapter-Identifier header or "
+        "adapters field).",
+    )
+    source: str = Field(
+        min_length=1,
+        max_length=512,
+        description="Where the adapter is: hub id (org/name), s3:// URL or path.",
+    )
+
+
+_LORA_TUNABLES = ("maxLoras", "maxLoraRank", "loraExtraVocabSize", "maxCpuLoras")
+
+
+class LoRA(_Object):
+    """Multi-LoRA serving (LMI option.enable_lora and its tunables)."""
+
+    lmi_rules = (
+        Rule(
+            cel=(
+                "self.enabled || !("
+                + " || ".join(f"has(self.{name})" for name in _LORA_TUNABLES)
+                + " || (has(self.adapters) && size(self.adapters) > 0))"
+            ),
+            message="lora.maxLoras, lora.maxLoraRank, lora.loraExtraVocabSize, lora.maxCpuLoras and "
+            "lora.adapters need lora.enabled: true",
+            check=lambda lo: (
+                lo.enabled
+                or (
+                    all(
+                        v is None
+                        for v in (lo.max_loras, lo.max_lora_rank, lo.lora_extra_vocab_size, lo.max_cpu_loras)
+                    )
+                    and not lo.adapters
+                )
+            ),
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            cel=(
+                "!has(self.maxCpuLoras) || self.maxCpuLoras >= "
+                f"(has(self.maxLoras) ? self.maxLoras : {LMI_DEFAULT_MAX_LORAS})"
+            ),
+            message=f"lora.maxCpuLoras must be at least lora.maxLoras (default {LMI_DEFAULT_MAX_LORAS})",
+            check=lambda lo: lo.max_cpu_loras is None or lo.max_cpu_loras >= lo.effective_max_loras(),
+            field_path=".maxCpuLoras",
+        ),
+        Rule(
+            cel=None,  # x-kubernetes-list-type=map with key name
+            message="lora.adapters names must be unique",
+            check=lambda lo: _unique(lo.adapters, "name"),
+            field_path=".adapters",
+            reason="FieldValueDuplicate",
+        ),
+    )
+
+    enabled: bool = Field(False, description="Serve LoRA adapters (LMI option.enable_lora).")
+    max_loras: int | None = Field(
+        None, ge=1, le=256, description="Adapters in one batch (LMI option.max_loras, default 4)."
+    )
+    max_lora_rank: int | None = Field(
+        None, ge=1, le=512, description="Highest adapter rank to support (LMI option.max_lora_rank)."
+    )
+    lora_extra_vocab_size: int | None = Field(
+        None,
+        ge=0,
+        description="Extra vocabulary of adapters (LMI option.lora_extra_vocab_size); newer vLLM ignores it.",
+    )
+    max_cpu_loras: int | None = Field(
+        None, ge=1, le=1024, description="Adapters cached in CPU memory (LMI option.max_cpu_loras)."
+    )
+    adapters: list[Adapter] = Field(
+        default_factory=list,
+        max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="Adapters registered at start-up; more can be added at run time with the adapters API.",
+    )
+
+    def effective_max_loras(self) -> int:
+        """maxLoras, or LMI's default."""
+        return self.max_loras if self.max_loras is not None else LMI_DEFAULT_MAX_LORAS
+
+
+# --- spec.handler ------------------------------------------------------------------------------
+
+
+class ConfigMapKeyRef(_Object):
+    """A key of a ConfigMap in the LMIModel's namespace."""
+
+    name: ResourceName = Field(description="Name of the ConfigMap.")
+    key: str = Field("model.py", max_length=253, description="Key in the ConfigMap holding model.py.")
+
+
+class Handler(_Object):
+    """A custom model.py (LMI custom handler with `async def handle(inputs)`)."""
+
+    lmi_rules = (
+        Rule(
+            cel="has(self.modelPy) != has(self.configMapRef)",
+            message="handler needs exactly one of handler.modelPy and handler.configMapRef",
+            check=lambda h: (h.model_py is None) != (h.config_map_ref is None),
+        ),
+    )
+
+    model_py: str | None = Field(
+        None, min_length=1, max_length=262144, description="model.py source, inline."
+    )
+    config_map_ref: ConfigMapKeyRef | None = Field(None, description="model.py from a ConfigMap key.")
+
+
+# --- spec.resources ----------------------------------------------------------------------------
+
+
+class Resources(_Object):
+    """Compute of one replica (one pod): GPUs, CPU, memory and shared memory."""
+
+    gpus: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description=(
+            "GPUs of one replica (requests = limits of gpuResourceName); must equal "
+            "engine.tensorParallelDegree x engine.pipelineParallelDegree. 0 runs vLLM on CPU."
+        ),
+    )
+    gpu_resource_name: str = Field(
+        "nvidia.com/gpu",
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="Extended resource that counts GPUs on the nodes.",
+    )
+    cpu: Quantity | None = Field(None, description="CPU request of the container (a quantity: 8, 500m).")
+    memory: Quantity | None = Field(
+        None, description="Memory request and limit of the container (a quantity: 64Gi)."
+    )
+    shm_size: Quantity | None = Field(
+        None,
+        description="Size of the memory-backed /dev/shm; NCCL needs several GiB with more than one GPU.",
+    )
+
+
+# --- spec.scheduling ---------------------------------------------------------------------------
+
+
+class Toleration(_Object):
+    """A toleration of node taints (the core/v1 Toleration fields)."""
+
+    lmi_rules = (
+        Rule(
+            cel="self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            message="scheduling.tolerations[].value must be empty when operator is Exists",
+            check=lambda t: t.operator != "Exists" or not t.value,
+            field_path=".value",
+        ),
+    )
+
+    key: str | None = Field(None, max_length=316, description="Taint key; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="How key and value are matched.")
+    value: str | None = Field(None, max_length=63, description="Taint value for operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; empty matches all."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="How long a NoExecute taint is tolerated before eviction."
+    )
+
+
+class Scheduling(_Object):
+    """Where replicas may run."""
+
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, max_length=32, description="Node labels the pods require."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
+        description="Taints the pods tolerate (GPU nodes are often tainted nvidia.com/gpu).",
+    )
+    affinity: dict[str, Any] | None = Field(
+        None,
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description="A core/v1 Affinity, copied to the pods as is.",
+    )
+    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the pods.")
+
+
+# --- spec.env ----------------------------------------------------------------------------------
+
+
+class KeyRef(_Object):
+    """A key of a Secret or ConfigMap in the LMIModel's namespace."""
+
+    name: ResourceName = Field(description="Name of the object.")
+    key: str = Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in the object.")
+    optional: bool | None = Field(None, description="Start even when the object or key is missing.")
+
+
+class EnvVarSource(_Object):
+    """Where an environment variable's value comes from."""
+
+    lmi_rules = (
+        Rule(
+            cel="has(self.secretKeyRef) != has(self.configMapKeyRef)",
+            message="env[].valueFrom needs exactly one of secretKeyRef and configMapKeyRef",
+            check=lambda s: (s.secret_key_ref is None) != (s.config_map_key_ref is None),
+        ),
+    )
+
+    secret_key_ref: KeyRef | None = Field(None, description="A key of a Secret.")
+    config_map_key_ref: KeyRef | None = Field(None, description="A key of a ConfigMap.")
+
+
+class EnvVar(_Object):
+    """An environment variable of the model server container."""
+
+    lmi_rules = (
+        Rule(
+            cel=f"!self.name.startsWith('OPTION_') && !(self.name in {_cel_list(LMI_CONFIG_ENV)})",
+            message="env may not set OPTION_* or LMI configuration variables (HF_MODEL_ID, SM_NUM_GPUS, "
+            "...): use spec.model, spec.engine and spec.engine.options",
+            message_expression=(
+                "'env ' + self.name + ' is LMI configuration: use spec.model, spec.engine and '"
+                " + 'spec.engine.options'"
+            ),
+            check=lambda e: not e.name.startswith("OPTION_") and e.name not in LMI_CONFIG_ENV,
+            explain=lambda e: (
+                f"env {e.name} is LMI configuration: use spec.model, spec.engine and spec.engine.options"
+            ),
+            field_path=".name",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            cel="!(has(self.value) && has(self.valueFrom))",
+            message="env[].value and env[].valueFrom are mutually exclusive",
+            check=lambda e: e.value is None or e.value_from is None,
+        ),
+    )
+
+    name: str = Field(
+        min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", description="Variable name."
+    )
+    value: str | None = Field(None, max_length=32768, description="Literal value.")
+    value_from: EnvVarSource | None = Field(None, description="Value from a Secret or ConfigMap key.")
+
+
+# --- spec.startup, spec.autoscaling, spec.rollout ------------------------------------------------
+
+
+class Startup(_Object):
+    """Start-up budget: download and load of the weights, then engine warm-up."""
+
+    timeout_seconds: int = Field(
+        3600,
+        ge=60,
+        le=86400,
+        description=(
+            "Seconds a replica may take from container start to ready before it is restarted (the startup "
+            "probe's budget; LMI option.model_loading_timeout). The default fits a 70B download and load."
+        ),
+    )
+
+
+class PodMetric(_Object):
+    """A per-pod metric from the custom metrics API (e.g. vLLM's, through prometheus-adapter)."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+        description="Metric name, e.g. vllm:num_requests_waiting.",
+    )
+    target_average_value: Quantity = Field(description="Target average of the metric over the replicas.")
+
+
+class Autoscaling(_Object):
+    """A HorizontalPodAutoscaler for the model's replicas (it drives spec.replicas through /scale)."""
+
+    lmi_rules = (
+        Rule(
+            cel="self.minReplicas <= self.maxReplicas",
+            message="autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
+            check=lambda a: a.min_replicas <= a.max_replicas,
+            field_path=".minReplicas",
+        ),
+        Rule(
+            cel="has(self.targetCPUUtilizationPercentage) || (has(self.metrics) && size(self.metrics) > 0)",
+            message="autoscaling needs targetCPUUtilizationPercentage or at least one "
+            "autoscaling.metrics entry",
+            check=lambda a: a.target_cpu_utilization_percentage is not None or bool(a.metrics),
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            cel=None,  # x-kubernetes-list-type=map with key name
+            message="autoscaling.metrics names must be unique",
+            check=lambda a: _unique(a.metrics, "name"),
+            field_path=".metrics",
+            reason="FieldValueDuplicate",
+        ),
+    )
+
+    min_replicas: int = Field(1, ge=1, le=1000, description="Fewest replicas.")
+    max_replicas: int = Field(ge=1, le=1000, description="Most replicas.")
+    target_cpu_utilization_percentage: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        alias="targetCPUUtilizationPercentage",
+        description="Target average CPU utilization of the CPU request.",
+    )
+    metrics: list[PodMetric] = Field(
+        default_factory=list,
+        max_length=8,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="Per-pod metrics to scale on, such as queue length (vllm:num_requests_waiting).",
+    )
+    scale_down_stabilization_seconds: int = Field(
+        600,
+        ge=0,
+        le=3600,
+        description="How long load must stay low before scaling down; replicas are slow to start.",
+    )
+
+
+class Rollout(_Object):
+    """How a changed spec replaces the running replicas."""
+
+    lmi_rules = (
+        Rule(
+            cel="self.strategy == 'RollingUpdate' || !(has(self.maxSurge) || has(self.maxUnavailable))",
+            message="rollout.maxSurge and rollout.maxUnavailable apply only to strategy RollingUpdate",
+            check=lambda r: (
+                r.strategy == "RollingUpdate" or (r.max_surge is None and r.max_unavailable is None)
+            ),
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            cel=(
+                "!(has(self.maxSurge) && (self.maxSurge == 0 || self.maxSurge == '0%')"
+                " && (!has(self.maxUnavailable) || self.maxUnavailable == 0 || self.maxUnavailable == '0%'))"
+            ),
+            message="rollout.maxSurge and rollout.maxUnavailable may not both be 0",
+            check=lambda r: not (r.max_surge in (0, "0%") and r.max_unavailable in (None, 0, "0%")),
+            field_path=".maxSurge",
+        ),
+    )
+
+    strategy: Literal["RollingUpdate", "Recreate"] = Field(
+        "RollingUpdate",
+        description=(
+            "RollingUpdate starts a new replica before stopping an old one (needs spare GPUs); Recreate "
+            "stops the old replicas first (downtime, but no extra GPUs)."
+        ),
+    )
+    max_surge: IntOrPercent | None = Field(
+        None, description="Extra replicas during a RollingUpdate (number or percent; default 1)."
+    )
+    max_unavailable: IntOrPercent | None = Field(
+        None, description="Replicas that may be down during a RollingUpdate (number or percent; default 0)."
+    )
+
+    def effective_max_surge(self) -> int | str:
+        """maxSurge, or the default (1) for RollingUpdate."""
+        return self.max_surge if self.max_surge is not None else 1
+
+    def effective_max_unavailable(self) -> int | str:
+        """maxUnavailable, or the default (0) for RollingUpdate."""
+        return self.max_unavailable if self.max_unavailable is not None else 0
+
+
+# --- spec ----------------------------------------------------------------------------------------
+
+
+class LMIModelSpec(_Object):
+    """What to serve and how: the model, the vLLM engine settings, and the Kubernetes workload."""
+
+    lmi_rules = (
+        Rule(
+            cel=(
+                "self.resources.gpus == 0 || type(self.engine.tensorParallelDegree) == string || "
+                "self.engine.tensorParallelDegree * self.engine.pipelineParallelDegree == self.resources.gpus"
+            ),
+            message="engine.tensorParallelDegree x engine.pipelineParallelDegree must equal resources.gpus",
+            check=lambda s: (
+                s.resources.gpus == 0
+                or isinstance(s.engine.tensor_parallel_degree, str)
+                or s.engine.tensor_parallel_degree * s.engine.pipeline_parallel_degree == s.resources.gpus
+            ),
+            field_path=".engine.tensorParallelDegree",
+        ),
+        Rule(
+            cel=(
+                "self.resources.gpus == 0 || type(self.engine.tensorParallelDegree) == int || "
+                "self.resources.gpus % self.engine.pipelineParallelDegree == 0"
+            ),
+            message="resources.gpus must be a multiple of engine.pipelineParallelDegree when "
+            "engine.tensorParallelDegree is max",
+            check=lambda s: (
+                s.resources.gpus == 0
+                or isinstance(s.engine.tensor_parallel_degree, int)
+                or s.resources.gpus % s.engine.pipeline_parallel_degree == 0
+            ),
+            field_path=".engine.pipelineParallelDegree",
+        ),
+        Rule(
+            cel=(
+                "self.resources.gpus > 0 || ((self.engine.tensorParallelDegree == 'max' || "
+                "self.engine.tensorParallelDegree == 1) && self.engine.pipelineParallelDegree == 1)"
+            ),
+            message="resources.gpus 0 (vLLM on CPU) allows only engine.tensorParallelDegree 1 or max and "
+            "engine.pipelineParallelDegree 1",
+            check=lambda s: (
+                s.resources.gpus > 0
+                or (s.engine.tensor_parallel_degree in ("max", 1) and s.engine.pipeline_parallel_degree == 1)
+            ),
+            field_path=".resources.gpus",
+        ),
+        Rule(
+            cel=(
+                "self.resources.gpus > 0 || !has(self.engine.quantize) || "
+                f"!(self.engine.quantize in {_cel_list(RUNTIME_QUANTIZE)})"
+            ),
+            message="engine.quantize fp8 and bitsandbytes need resources.gpus of at least 1 "
+            "(vLLM on CPU rejects them)",
+            check=lambda s: s.resources.gpus > 0 or s.engine.quantize not in RUNTIME_QUANTIZE,
+            field_path=".engine.quantize",
+        ),
+        Rule(
+            cel=None,  # x-kubernetes-list-type=map with key name
+            message="env names must be unique",
+            check=lambda s: _unique(s.env, "name"),
+            field_path=".env",
+            reason="FieldValueDuplicate",
+        ),
+    )
+
+    model: ModelSource = Field(description="The model to serve.")
+    engine: Engine = Field(
+        default_factory=Engine, json_schema_extra=_OBJECT_DEFAULT, description=Engine.__doc__
+    )
+    lora: LoRA | None = Field(None, description=LoRA.__doc__)
+    handler: Handler | None = Field(None, description=Handler.__doc__)
+    resources: Resources = Field(
+        default_factory=Resources, json_schema_extra=_OBJECT_DEFAULT, description=Resources.__doc__
+    )
+    replicas: int = Field(
+        1, ge=0, le=1000, description="Model server replicas (the scale subresource; an HPA may set it)."
+    )
+    image: str | None = Field(
+        None, max_length=1024, description="Runtime image; defaults to the operator's configured image."
+    )
+    scheduling: Scheduling | None = Field(None, description=Scheduling.__doc__)
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="Extra environment variables of the model server (not LMI configuration).",
+    )
+    startup: Startup = Field(
+        default_factory=Startup, json_schema_extra=_OBJECT_DEFAULT, description=Startup.__doc__
+    )
+    autoscaling: Autoscaling | None = Field(None, description=Autoscaling.__doc__)
+    rollout: Rollout = Field(
+        default_factory=Rollout, json_schema_extra=_OBJECT_DEFAULT, description=Rollout.__doc__
+    )
+
+    def gpus_required(self) -> int:
+        """GPUs one replica requests (resources.gpus)."""
+        return self.resources.gpus
+
+    def tensor_parallel_size(self) -> int:
+        """engine.tensorParallelDegree with max resolved the way LMI does: GPUs / pipeline degree."""
+        tp = self.engine.tensor_parallel_degree
+        if isinstance(tp, int):
+            return tp
+        return max(1, self.resources.gpus // self.engine.pipeline_parallel_degree)
+
+
+# --- status --------------------------------------------------------------------------------------
+
+
+class Condition(_Object):
+    """An observation of the LMIModel's state (metav1.Condition)."""
+
+    type: str = Field(max_length=316, description="Ready, Progressing or Degraded.")
+    status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
+    reason: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="CamelCase cause, e.g. InsufficientGPUs, ImagePullBackOff, CrashLoop, OOMKilled.",
+    )
+    message: str | None = Field(None, max_length=32768, description="Human-readable details.")
+    last_transition_time: Annotated[datetime, Field(strict=False)] | None = Field(
+        None, description="When status last changed."
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="metadata.generation the condition was computed from."
+    )
+
+
+class LMIModelStatus(_Object):
+    """The observed state, written by the operator only."""
+
+    observed_generation: int | None = Field(
+        None, description="metadata.generation of the spec the status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        description="Ready, Progressing and Degraded, with reasons.",
+    )
+    replicas: int | None = Field(None, ge=0, description="Model server pods that exist.")
+    ready_replicas: int | None = Field(None, ge=0, description="Model server pods that are ready.")
+    ready: str | None = Field(
+        None,
+        max_length=32,
+        description="readyReplicas/replicas as text (e.g. 1/2) for the Ready column of kubectl get.",
+    )
+    selector: str | None = Field(
+        None, max_length=1024, description="Label selector of the pods (for the scale subresource and HPA)."
+    )
+    endpoint: str | None = Field(None, max_length=1024, description="In-cluster URL of the model's Service.")
+    engine_options: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict,
+        max_length=128,
+        description="The LMI options the runtime was given, after defaults and 'max'.",
+    )
+
+
+# --- the object ----------------------------------------------------------------------------------
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata the operator reads; the rest is kept as is."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+
+    name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    resource_version: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class LMIModel(_Object):
+    """LMIModel serves a model with vLLM the way the LMI (DJL Serving) containers do."""
+
+    lmi_rules = (
+        Rule(
+            cel=f"self.metadata.name.size() <= 63 && self.metadata.name.matches('{DNS1035_PATTERN}')",
+            message="metadata.name must be a DNS-1035 label (at most 63 lowercase letters, digits and '-', "
+            "starting with a letter) because it names the model's Service",
+            check=lambda o: (
+                o.metadata.name is None
+                or (len(o.metadata.name) <= 63 and re.fullmatch(DNS1035_PATTERN, o.metadata.name) is not None)
+            ),
+            field_path=".metadata.name",
+        ),
+    )
+
+    api_version: Literal["serving.lmi.dev/v1alpha1"] = Field(
+        "serving.lmi.dev/v1alpha1", description=API_VERSION
+    )
+    kind: Literal["LMIModel"] = Field("LMIModel", description=KIND)
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")
+    spec: LMIModelSpec = Field(description=LMIModelSpec.__doc__)
+    status: LMIModelStatus | None = Field(None, description=LMIModelStatus.__doc__)
+
+
+# --- reading objects -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason an object is invalid: the field's path (spec.engine.quantize) and what is wrong."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class InvalidLMIModel(ValueError):
+    """An LMIModel that breaks the schema or a rule; `problems` name the fields."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(str(p) for p in problems))
+        self.problems = problems
+
+
+def _data_path(loc: tuple[int | str, ...], data: Any, missing: bool) -> str:
+    # pydantic's locations include union branch tags (int, literal['max']); keep only what is in the data.
+    path = ""
+    node = data
+    for i, item in enumerate(loc):
+        in_mapping = isinstance(node, Mapping) and item in node
+        in_list = isinstance(node, list) and isinstance(item, int) and item < len(node)
+        if in_mapping or in_list:
+            node = node[item]
+        elif not (missing and i == len(loc) - 1):
+            break
+        path += f"[{item}]" if isinstance(item, int) else f".{item}"
+    return path.lstrip(".")
+
+
+def problems_of(err: ValidationError, data: Any) -> list[Problem]:
+    """The errors of a validation, one per field, with paths as the API server writes them."""
+    messages: dict[str, list[str]] = {}
+    for e in err.errors():
+        path = _data_path(e["loc"], data, missing=e["type"] == "missing")
+        if e["type"] == "lmi_rule":
+            path = (path + e.get("ctx", {}).get("field_path", "")).lstrip(".")
+        msg = e["msg"]
+        if msg not in messages.setdefault(path, []):
+            messages[path].append(msg)
+    return [Problem(path, " or ".join(msgs)) for path, msgs in messages.items()]
+
+
+def parse_lmimodel(obj: Mapping[str, Any]) -> LMIModel:
+    """Read an LMIModel object (as from the API server or a YAML file); raise `InvalidLMIModel`
+    naming every invalid field."""
+    try:
+        return LMIModel.model_validate(obj)
+    except ValidationError as err:
+        raise InvalidLMIModel(problems_of(err, obj)) from None
+
+
+def _models_in(annotation: Any) -> Iterator[tuple[type[_Object], bool]]:
+    """The API models an annotation holds, each with whether it sits in a list."""
+    if isinstance(annotation, type) and issubclass(annotation, _Object):
+        yield annotation, False
+        return
+    in_list = get_origin(annotation) is list
+    for arg in get_args(annotation):
+        for model, nested in _models_in(arg):
+            yield model, nested or in_list
+
+
+def iter_objects(model: type[_Object] = LMIModel, path: str = "") -> Iterator[tuple[str, type[_Object]]]:
+    """Every API object with its path (spec.lora.adapters[]), depth first in field order."""
+    yield path, model
+    for name, field in model.model_fields.items():
+        alias = field.alias or name
+        for sub, in_list in _models_in(field.annotation):
+            yield from iter_objects(sub, f"{path}.{alias}{'[]' if in_list else ''}".lstrip("."))
+
+
+def iter_rules() -> Iterator[tuple[str, Rule]]:
+    """Every rule of the API with the path of the object it belongs to."""
+    for path, model in iter_objects():
+        for rule in model.lmi_rules:
+            yield path, rule
