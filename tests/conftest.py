@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from lmi_operator.settings import OperatorSettings
 from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster, tools_bin_dir
+from lmi_operator.testing.operator import OperatorThread
 
 KWOK_STAGES = sorted((REPO_ROOT / "tools" / "kwok").glob("*.yaml"))
 
@@ -39,3 +41,22 @@ def namespace(cluster: LocalCluster) -> Iterator[str]:
 def repo_root() -> Path:
     """The checkout's root folder."""
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def lmi_crd(cluster: LocalCluster) -> str:
+    """The LMIModel CRD from crds/, applied and Established; returns its name."""
+    cluster.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/lmimodels.serving.lmi.dev", "--timeout=60s")
+    return "lmimodels.serving.lmi.dev"
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: LocalCluster, lmi_crd: str) -> Iterator[OperatorThread]:
+    """The operator, in this process (so tests can count its API requests), for the whole session."""
+    settings = OperatorSettings(leader_election=False, metrics_port=0, health_port=0)
+    running = OperatorThread(cluster.kubeconfig, settings).start()
+    try:
+        yield running
+    finally:
+        running.stop()

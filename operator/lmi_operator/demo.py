@@ -1,44 +1,156 @@
-"""`make demo`: the local control plane with fake GPU nodes, and what it can schedule."""
+"""`make demo`: the main job end to end on the local control plane with fake GPU nodes.
+
+Starts the control plane, installs the CRD, runs `lmi-operator run` as its own process, applies
+several examples (and one model that asks for more GPUs than any node has), shows a live table
+until every model settles, then prints a summary and stops everything (DEMO_KEEP=1 keeps it)."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from lmi_operator.testing.cluster import ClusterError, LocalCluster, tools_bin_dir
+import yaml
+
+from lmi_operator.testing.cluster import REPO_ROOT, ClusterError, LocalCluster, tools_bin_dir
+
+NAMESPACE = "lmi-demo"
+EXAMPLES = ("llama-3-8b.yaml", "mistral-7b.yaml", "gpt-neox-20b.yaml", "lora.yaml", "autoscaling.yaml")
+TOO_BIG_NAME = "llama-3-405b-too-big"
+TOO_BIG = {
+    "apiVersion": "serving.lmi.dev/v1alpha1",
+    "kind": "LMIModel",
+    "metadata": {"name": TOO_BIG_NAME},
+    "spec": {
+        "model": {"id": "meta-llama/Llama-3.1-405B-Instruct"},
+        "engine": {"tensorParallelDegree": 16},
+        "resources": {"gpus": 16},
+    },
+}
+SETTLED = {"Available", "InsufficientGPU", "InvalidSpec", "CrashLoop", "ImagePullFailed", "OOMKilled"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _models(cluster: LocalCluster) -> list[dict[str, Any]]:
+    out = cluster.kubectl("get", "lmimodels", "-n", NAMESPACE, "-o", "json").stdout
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
+
+
+def _ready(obj: dict[str, Any]) -> dict[str, Any]:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "Ready"), {})
+
+
+def _table(models: list[dict[str, Any]], started: float) -> str:
+    rows = [f"{'NAME':<22} {'MODEL':<38} {'GPUS':>4} {'READY':>5}  STATUS", "-" * 90]
+    for obj in sorted(models, key=lambda o: o["metadata"]["name"]):
+        spec, status = obj["spec"], obj.get("status", {})
+        rows.append(
+            f"{obj['metadata']['name']:<22} {spec['model']['id'][:38]:<38} {spec['resources']['gpus']:>4} "
+            f"{status.get('ready', '-'):>5}  {_ready(obj).get('reason', 'Pending')}"
+        )
+    rows.append(f"[{time.monotonic() - started:5.1f}s]")
+    return "\n".join(rows)
+
+
+def _apply_examples(cluster: LocalCluster) -> list[str]:
+    names = []
+    for example in EXAMPLES:
+        cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(REPO_ROOT / "examples" / example))
+        doc = next(d for d in yaml.safe_load_all((REPO_ROOT / "examples" / example).read_text()) if d)
+        names.append(doc["metadata"]["name"])
+    cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(TOO_BIG))
+    return [*names, TOO_BIG_NAME]
+
+
+def _watch(
+    cluster: LocalCluster, expected: int, timeout: float = 180.0
+) -> tuple[list[dict[str, Any]], float]:
+    started = time.monotonic()
+    live = sys.stdout.isatty()
+    last = ""
+    models: list[dict[str, Any]] = []
+    while time.monotonic() - started < timeout:
+        models = _models(cluster)
+        table = _table(models, started)
+        body = table.rsplit("\n", 1)[0]
+        if live:
+            print("\033[2J\033[H" + table, flush=True)
+        elif body != last:
+            print(table, flush=True)
+        last = body
+        settled = [m for m in models if _ready(m).get("reason") in SETTLED]
+        if len(models) == expected and len(settled) == expected:
+            return models, time.monotonic() - started
+        time.sleep(1)
+    return models, time.monotonic() - started
 
 
 def main() -> int:
-    """Bring the local cluster up, show its GPU nodes and their capacity, then stop (unless DEMO_KEEP=1)."""
+    """Run the demo; exit non-zero when a model did not reach the state the demo expects."""
     keep = os.environ.get("DEMO_KEEP") == "1"
     workdir = Path(tempfile.mkdtemp(prefix="lmi-demo-"))
     cluster = LocalCluster(workdir, tools_bin_dir())
-    started = time.monotonic()
+    t0 = time.monotonic()
     try:
         cluster.start(detach=keep)
     except ClusterError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    operator: subprocess.Popen[bytes] | None = None
     try:
-        print(f"local control plane ready in {time.monotonic() - started:.1f}s ({workdir})")
-        nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
-        print(f"{'NODE':<12} {'GPU':<24} {'GPUS':>4}  SCHEDULABLE")
-        for node in nodes:
-            labels = node["metadata"]["labels"]
-            gpus = node["status"]["allocatable"].get("nvidia.com/gpu", "0")
-            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
-            product = labels.get("nvidia.com/gpu.product", "-")
-            print(f"{node['metadata']['name']:<12} {product:<24} {gpus:>4}  {'yes' if ready else 'no'}")
+        print(f"local control plane with fake GPU nodes ready in {time.monotonic() - t0:.1f}s")
+        print(cluster.kubectl("get", "nodes", "-L", "nvidia.com/gpu.product,nvidia.com/gpu.count").stdout)
+        cluster.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
+        cluster.kubectl(
+            "wait", "--for=condition=Established", "crd/lmimodels.serving.lmi.dev", "--timeout=60s"
+        )
+        cluster.kubectl("create", "namespace", NAMESPACE)
+        # Model servers must pass the restricted Pod Security Standard.
+        cluster.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
+        env = os.environ | {
+            "KUBECONFIG": str(cluster.kubeconfig),
+            "LMI_OPERATOR_LEASE_NAMESPACE": "default",
+            "LMI_OPERATOR_METRICS_PORT": str(_free_port()),
+            "LMI_OPERATOR_HEALTH_PORT": str(_free_port()),
+        }
+        log = (workdir / "operator.log").open("wb")
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "lmi_operator.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        print(f"operator running (pid {operator.pid}, log {workdir / 'operator.log'})")
+        names = _apply_examples(cluster)
+        print(f"applied {len(names)} LMIModels to namespace {NAMESPACE}\n")
+        models, took = _watch(cluster, len(names))
+        reasons = {m["metadata"]["name"]: _ready(m).get("reason") for m in models}
+        ok = reasons.get(TOO_BIG_NAME) == "InsufficientGPU" and all(
+            reasons.get(n) == "Available" for n in names[:-1]
+        )
+        ready = sum(r == "Available" for r in reasons.values())
+        print(f"\nsummary: {ready}/{len(names) - 1} models Ready {took:.1f}s after apply")
+        too_big = next((m for m in models if m["metadata"]["name"] == TOO_BIG_NAME), {})
+        print(f"  {TOO_BIG_NAME}: {reasons.get(TOO_BIG_NAME)}: {_ready(too_big).get('message', '')[:200]}")
         if keep:
-            print(f"kept running: export KUBECONFIG={cluster.kubeconfig}")
+            print(f"kept running: export KUBECONFIG={cluster.kubeconfig}  (operator pid {operator.pid})")
+        return 0 if ok else 1
     finally:
         if not keep:
+            if operator is not None:
+                operator.terminate()
+                operator.wait(timeout=30)
             cluster.stop()
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 
 import kopf
 
@@ -28,6 +29,7 @@ async def run_operator(
     kubeconfig: str | None = None,
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
+    on_start: Callable[[Reconciler], None] | None = None,
 ) -> Reconciler:
     """Run until `stop` is set (or SIGTERM/SIGINT); returns the reconciler (its counters) at the end.
     Raises LeadershipLost when another replica took the Lease."""
@@ -62,6 +64,8 @@ async def run_operator(
             metrics.LEADER.set(1)
 
         reconciler = Reconciler(client, settings)
+        if on_start is not None:
+            on_start(reconciler)
         registry, kopf_settings = build(reconciler, creds, settings)
         kopf_stop: asyncio.Future[None] = loop.create_future()
         liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None

@@ -18,7 +18,14 @@ from lmi_operator.api import API_VERSION, KIND, InvalidLMIModel, LMIModel, parse
 from lmi_operator.drift import contains
 from lmi_operator.engine_options import check_options
 from lmi_operator.kube import ApiError, KubeClient, object_path
-from lmi_operator.render import MODEL_LABEL, gpu_resource_of, render, selector_of, selector_string
+from lmi_operator.render import (
+    MODEL_LABEL,
+    desired_replicas,
+    gpu_resource_of,
+    render,
+    selector_of,
+    selector_string,
+)
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.status import INSUFFICIENT_GPU, READY, Observed, build_status, problem_of
 from lmi_operator.workqueue import WorkQueue
@@ -41,6 +48,11 @@ def _rv(obj: Mapping[str, Any]) -> int:
         return int(obj.get("metadata", {}).get("resourceVersion", "0"))
     except ValueError:
         return 0
+
+
+def _namespace_going(err: ApiError) -> bool:
+    # The namespace is being deleted with the model in it: nothing to create, nothing to retry.
+    return err.status == 404 or (err.status == 403 and "being terminated" in err.message)
 
 
 def _key_of(obj: Mapping[str, Any]) -> Key:
@@ -66,6 +78,7 @@ class ModelState:
     model: dict[str, Any] | None = None
     children: dict[str, dict[str, Any]] = field(default_factory=dict)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    applied_generation: int | None = None
 
 
 class Reconciler:
@@ -164,9 +177,16 @@ class Reconciler:
         for desired in rendered.objects:
             live = st.children.get(desired["kind"])
             if live is None or not contains(live, desired):
-                applied = await self.client.apply(desired)
+                try:
+                    applied = await self.client.apply(desired)
+                except ApiError as err:
+                    if _namespace_going(err):
+                        return
+                    raise
                 metrics.API_WRITES.labels(desired["kind"]).inc()
                 st.children[desired["kind"]] = applied
+                if desired["kind"] == "Deployment":
+                    st.applied_generation = applied["metadata"].get("generation")
         wanted = {o["kind"] for o in rendered.objects}
         for kind, api_version in OPTIONAL_KINDS.items():
             if kind in st.children and kind not in wanted:
@@ -200,11 +220,7 @@ class Reconciler:
         spec = body.get("spec", {})
         deployment = st.children.get("Deployment")
         if obj is not None:
-            desired = obj.spec.replicas
-            if obj.spec.autoscaling is not None:
-                desired = (
-                    (deployment or {}).get("spec", {}).get("replicas", obj.spec.autoscaling.min_replicas)
-                )
+            desired = desired_replicas(obj.spec)
             gpus = obj.spec.resources.gpus
             gpu_resource = gpu_resource_of(obj.spec, self.settings)
             timeout = obj.spec.startup.timeout_seconds
@@ -221,6 +237,7 @@ class Reconciler:
             gpu_resource=gpu_resource,
             startup_timeout_seconds=timeout,
             deployment=deployment,
+            deployment_generation=st.applied_generation,
             pods=pods,
             invalid_spec=invalid,
             missing_secret=missing_secret,

@@ -285,8 +285,7 @@ def _deployment(obj: LMIModel, settings: OperatorSettings, config: dict[str, Any
             "spec": pod_spec,
         },
     }
-    if spec.autoscaling is None:
-        dep_spec = {"replicas": spec.replicas} | dep_spec
+    dep_spec = {"replicas": desired_replicas(spec)} | dep_spec
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(obj, name), "spec": dep_spec}
 
 
@@ -343,7 +342,9 @@ def _hpa(obj: LMIModel) -> dict[str, Any]:
             }
         )
     spec: dict[str, Any] = {
-        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+        # The HPA scales the LMIModel through its scale subresource: spec.replicas stays the one
+        # source of the replica count, and the operator never fights the HPA over the Deployment.
+        "scaleTargetRef": {"apiVersion": API_VERSION, "kind": KIND, "name": name},
         "minReplicas": auto.min_replicas,
         "maxReplicas": auto.max_replicas,
         "behavior": {"scaleDown": {"stabilizationWindowSeconds": auto.scale_down_stabilization_seconds}},
@@ -356,6 +357,13 @@ def _hpa(obj: LMIModel) -> dict[str, Any]:
         "metadata": _meta(obj, name),
         "spec": spec,
     }
+
+
+def desired_replicas(spec: LMIModelSpec) -> int:
+    """spec.replicas, kept within the autoscaling bounds when an HPA scales the model."""
+    if spec.autoscaling is None:
+        return spec.replicas
+    return min(max(spec.replicas, spec.autoscaling.min_replicas), spec.autoscaling.max_replicas)
 
 
 def gpu_resource_of(spec: LMIModelSpec, settings: OperatorSettings) -> str:

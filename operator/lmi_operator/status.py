@@ -63,6 +63,9 @@ class Observed:
     gpu_resource: str
     startup_timeout_seconds: int
     deployment: Mapping[str, Any] | None
+    # The Deployment generation whose rollout counts: the one the operator last applied. Changes by
+    # others that bump the generation without touching the template (annotations) do not count.
+    deployment_generation: int | None = None
     pods: Sequence[Mapping[str, Any]] = ()
     invalid_spec: str | None = None
     missing_secret: str | None = None
@@ -152,7 +155,8 @@ def pod_problem(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
 def _deployment_numbers(obs: Observed) -> tuple[int, int, int, int, bool]:
     dep = obs.deployment or {}
     st = dep.get("status", {})
-    current = st.get("observedGeneration", 0) >= dep.get("metadata", {}).get("generation", 1)
+    needed = obs.deployment_generation or dep.get("metadata", {}).get("generation", 1)
+    current = st.get("observedGeneration", 0) >= needed
     return (
         int(st.get("replicas", 0)),
         int(st.get("readyReplicas", 0)),
@@ -220,7 +224,8 @@ def conditions_for(obs: Observed) -> list[dict[str, str]]:
         progressing_c,
         degraded_c,
         _condition(RECONCILING, progressing, progressing_c["reason"], progressing_c["message"]),
-        _condition(STALLED, problem is not None, degraded_c["reason"], degraded_c["message"]),
+        # Serving but degraded (say, a Secret deleted under running pods) is not a failed rollout.
+        _condition(STALLED, problem is not None and not serving, degraded_c["reason"], degraded_c["message"]),
     ]
 
 

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -105,8 +106,13 @@ class LocalCluster:
     def start(self, detach: bool = False, timeout: float = 120.0) -> None:
         """Start every component and wait for Ready GPU nodes. With `detach`, the processes outlive
         this Python process (for `make cluster-up`); otherwise they die with it."""
+        if self.running():
+            raise ClusterError(f"a cluster already runs in {self.workdir}: stop it first")
+        # A fresh cluster every time: etcd refuses a data dir bootstrapped with other peer URLs.
+        shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
+        shutil.rmtree(self.logs, ignore_errors=True)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(exist_ok=True)
+        self.logs.mkdir()
         pki = write_pki(self.workdir / "pki")
         ports = Ports.pick()
         self._write_kubeconfig(pki, ports)
@@ -292,6 +298,8 @@ class LocalCluster:
             "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
             f"--server-address=127.0.0.1:{p.kwok}",
             "--node-ip=127.0.0.1",
+            # Without leases the node lifecycle controller marks the nodes (and their pods) NotReady.
+            "--node-lease-duration-seconds=40",
             "--cidr=10.244.0.1/16",
         ]
 

@@ -1,0 +1,79 @@
+"""lmi-runtime: `args` prints the resolved engine arguments, `serve` serves, `engine-args-table`
+prints the installed vLLM's argument table. Logs go to stderr; configuration errors are one line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lmi_runtime.errors import HandlerLoadError, RuntimeConfigError
+
+DEFAULT_MODEL_DIR = "/opt/ml/model"
+logger = logging.getLogger("lmi_runtime")
+
+
+def _configure_logging() -> None:
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(os.environ.get("LMI_RUNTIME_LOG_LEVEL", "INFO").upper())
+    # Third-party imports reconfigure the root logger; ours keeps its own handler and level.
+    logger.propagate = False
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmi-runtime", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    args_cmd = commands.add_parser("args", help="print the resolved vLLM engine arguments as JSON")
+    args_cmd.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, type=Path)
+    serve_cmd = commands.add_parser("serve", help="serve the model over the LMI and OpenAI APIs")
+    serve_cmd.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, type=Path)
+    serve_cmd.add_argument("--port", default=8080, type=int)
+    serve_cmd.add_argument("--host", default="0.0.0.0")
+    commands.add_parser("engine-args-table", help="print the installed vLLM's engine argument table")
+    return parser
+
+
+def _print_json(document: object) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `lmi-runtime` console script; returns the process exit status."""
+    options = _parser().parse_args(argv)
+    _configure_logging()
+    try:
+        if options.command == "serve":
+            from lmi_runtime.server import serve
+
+            return serve(options.model_dir, options.host, options.port)
+        # vLLM's import may attach handlers to stdout; bind them to stderr so stdout stays pure JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            from lmi_runtime.engine_args import load_schema, resolve
+            from lmi_runtime.properties import load_settings
+
+            if options.command == "args":
+                document: object = resolve(
+                    load_settings(options.model_dir, os.environ), os.environ
+                ).engine_args
+            else:
+                from lmi_runtime.table import engine_args_table
+
+                document = engine_args_table(load_schema())
+        _print_json(document)
+        return 0
+    except (RuntimeConfigError, HandlerLoadError) as error:
+        sys.stderr.write(f"lmi-runtime: error: {error}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The one table of LMI option names: renames to vLLM, aliases, LMI defaults and LMI-only keys.
+
+Everything that knows an LMI name lives here, so the resolver, the CLI table and the docs agree.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# LMI option name -> the AsyncEngineArgs field it sets. The vLLM field name is accepted as an
+# option too (it is the "vLLM alias" of LMI's docs); giving both with different values is an error.
+RENAMED: Final[dict[str, str]] = {
+    "model_id": "model",
+    "tensor_parallel_degree": "tensor_parallel_size",
+    "pipeline_parallel_degree": "pipeline_parallel_size",
+    "quantize": "quantization",
+    "max_rolling_batch_size": "max_num_seqs",
+    "max_rolling_batch_prefill_tokens": "max_num_batched_tokens",
+    "cpu_offload_gb_per_gpu": "cpu_offload_gb",
+}
+
+# LMI's dtype spellings -> vLLM's (vLLM's own names pass unchanged and are checked by its parser).
+DTYPE_ALIASES: Final[dict[str, str]] = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+# Options that recent vLLM removed: accepted with a warning when the installed vLLM lacks them.
+REMOVED_IN_VLLM: Final[dict[str, str]] = {
+    "lora_extra_vocab_size": "vLLM removed LoRA extra vocabulary support; adapters use the base vocabulary",
+}
+
+# LMI-only keys that choose the serving mode: read by the runtime, never passed to vLLM.
+MODE_KEYS: Final[tuple[str, ...]] = ("engine", "entrypoint", "async_mode", "rolling_batch", "task")
+
+# LMI-only keys that steer DJL Serving's Java front end or other LMI engines: consumed and logged.
+IGNORED_LMI_KEYS: Final[dict[str, str]] = {
+    "model_loading_timeout": "start-up time is bounded by the pod's probes",
+    "predict_timeout": "requests are bounded by the client and vLLM",
+    "job_queue_size": "vLLM queues requests itself",
+    "batch_size": "vLLM batches continuously",
+    "max_batch_delay": "vLLM batches continuously",
+    "max_idle_time": "vLLM batches continuously",
+    "enable_streaming": 'streaming is chosen per request with "stream": true',
+    "device_map": "vLLM places the model itself",
+    "load_on_devices": "vLLM places the model itself",
+    "mpi_mode": "vLLM starts its own workers",
+    "parallel_loading": "vLLM starts its own workers",
+    "enable_venv": "the image carries its dependencies",
+    "fail_fast": "the runtime always fails fast",
+    "enable_stateful_sessions": "stateful sessions are not implemented",
+}
+
+# LMI-only keys whose behaviour this runtime does not implement: consumed with a warning.
+UNSUPPORTED_LMI_KEYS: Final[dict[str, str]] = {
+    "output_formatter": "write a custom handler (model.py) instead",
+    "input_formatter": "write a custom handler (model.py) instead",
+}
+
+# Top-level serving.properties keys of DJL Serving's model server (no "option." prefix).
+TOP_LEVEL_KEYS: Final[frozenset[str]] = frozenset(
+    {
+        "engine",
+        "minworkers",
+        "maxworkers",
+        "gpu.minworkers",
+        "gpu.maxworkers",
+        "batch_size",
+        "max_batch_delay",
+        "max_idle_time",
+        "job_queue_size",
+        "load_on_devices",
+        "translatorfactory",
+        "fail_fast",
+    }
+)
+
+# vLLM serve arguments the runtime owns: a person cannot set them through LMI options.
+RUNTIME_OWNED: Final[dict[str, str]] = {
+    "host": "the runtime listens on all interfaces",
+    "port": "use `lmi-runtime serve --port`",
+    "uds": "the runtime listens on TCP",
+    "model_tag": "use option.model_id or HF_MODEL_ID",
+    "config": "give the options themselves",
+    "headless": "the runtime always serves HTTP",
+    "api_server_count": "the runtime runs one API server",
+    "grpc": "the runtime serves HTTP",
+    "middleware": "the runtime builds the HTTP application",
+}
+
+ENGINE_VALUES: Final[tuple[str, ...]] = ("Python",)
+ROLLING_BATCH_VALUES: Final[tuple[str, ...]] = ("auto", "vllm", "disable")
+ENTRYPOINT_VALUES: Final[tuple[str, ...]] = (
+    "djl_python.lmi_vllm.vllm_async_service",
+    "djl_python.huggingface",
+    "model.py",
+)
+TASK_VALUES: Final[tuple[str, ...]] = ("text-generation", "auto")
+
+ASYNC_ENTRYPOINT: Final[str] = "djl_python.lmi_vllm.vllm_async_service"
+
+# LMI defaults that differ from vLLM's.
+DEFAULT_TENSOR_PARALLEL_DEGREE: Final[str] = "max"
+DEFAULT_MAX_NUM_SEQS_ASYNC: Final[int] = 32
+DEFAULT_MAX_NUM_SEQS_ROLLING_BATCH: Final[int] = 256
+DEFAULT_MAX_LORAS: Final[int] = 4
+# LMI's vLLM service answers under this name when option.served_model_name is not given.
+DEFAULT_SERVED_MODEL_NAME: Final[str] = "lmi"
+
+# Container-level environment aliases, applied only when the target is unset:
+# source variable -> (target variable, inverted boolean).
+ENV_ALIASES: Final[dict[str, tuple[str, bool]]] = {
+    "HF_MODEL_QUANTIZE": ("OPTION_QUANTIZE", False),
+    "HF_MODEL_TRUST_REMOTE_CODE": ("OPTION_TRUST_REMOTE_CODE", False),
+    "SM_NUM_GPUS": ("TENSOR_PARALLEL_DEGREE", False),
+    "MAX_BATCH_PREFILL_TOKENS": ("OPTION_MAX_ROLLING_BATCH_PREFILL_TOKENS", False),
+    "MAX_BATCH_SIZE": ("OPTION_MAX_ROLLING_BATCH_SIZE", False),
+    "ENABLE_CUDA_GRAPHS": ("OPTION_ENFORCE_EAGER", True),
+    "CUDA_MEMORY_FRACTION": ("OPTION_GPU_MEMORY_UTILIZATION", False),
+}
+
+# Runtime quantization methods LMI documents; pre-quantized models need no option at all.
+RUNTIME_QUANTIZATION: Final[tuple[str, ...]] = ("fp8", "bitsandbytes")
+BITSANDBYTES_PLUGIN: Final[str] = "vllm-bnb-plugin"
+
+
+def lmi_option_names() -> list[str]:
+    """Every option name the LMI layer itself understands (for suggestions and the table)."""
+    return sorted(
+        {*RENAMED, *REMOVED_IN_VLLM, *MODE_KEYS, *IGNORED_LMI_KEYS, *UNSUPPORTED_LMI_KEYS, "entryPoint"}
+        - {"entrypoint"}
+    )

@@ -1,0 +1,228 @@
+"""Runtime test fixtures: the tiny model (built once per session) and real `lmi-runtime serve` servers.
+
+Each engine start costs about 25-60 s on this machine, so servers are module-scoped and only one
+runs at a time (pytest finishes a module, and its fixtures, before the next).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.runtime.tiny_model import build_adapter, build_model
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RUNTIME_SRC = REPO_ROOT / "runtime"
+START_TIMEOUT_S = 240
+
+# vLLM on this CPU crashes its worker on bf16 (AMX) kernels, so tests serve in float32.
+TEST_OPTIONS = {"enforce_eager": "true", "max_model_len": "256", "dtype": "fp32"}
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """The generated model folder and two LoRA adapters for it."""
+
+    path: Path
+    adapters: dict[str, Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """A random-weight Llama (head_dim 32), its BPE tokenizer and two peft adapters."""
+    root = tmp_path_factory.mktemp("tiny")
+    build_model(root / "model")
+    adapters = {name: root / "adapters" / name for name in ("a1", "a2")}
+    for seed, path in enumerate(adapters.values(), start=1):
+        build_adapter(root / "model", path, seed=seed)
+    return TinyModel(root / "model", adapters)
+
+
+@pytest.fixture(scope="session")
+def vllm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for vLLM on CPU with every cache and temporary file in a test-owned folder."""
+    cache = tmp_path_factory.mktemp("vllm-cache")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OPTION_", "HF_MODEL"))}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CACHE_ROOT=str(cache / "vllm"),
+        TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
+        HF_HOME=str(cache / "hf"),
+        TRITON_CACHE_DIR=str(cache / "triton"),
+        XDG_CACHE_HOME=str(cache / "xdg"),
+        TMPDIR=str(cache),
+        # djl_python sits next to lmi_runtime; an editable install made before it existed lacks it.
+        PYTHONPATH=os.pathsep.join(filter(None, [str(RUNTIME_SRC), os.environ.get("PYTHONPATH")])),
+    )
+    return env
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def runtime_command(*args: str) -> list[str]:
+    """`lmi-runtime ...` run with this interpreter."""
+    return [sys.executable, "-m", "lmi_runtime", *args]
+
+
+@dataclass
+class RuntimeServer:
+    """A running `lmi-runtime serve` process."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    startup_s: float = 0.0
+    pings_before_ready: list[tuple[int, dict[str, object]]] = field(default_factory=list)
+
+    def client(self) -> httpx.Client:
+        """An HTTP client for this server."""
+        return httpx.Client(base_url=self.url, timeout=120)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 30 s (only this process, by its id)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def start_server(model_dir: Path, env: Mapping[str, str], log: Path) -> RuntimeServer:
+    """Start `lmi-runtime serve` and wait until /ping answers 200, recording earlier answers."""
+    port = free_port()
+    started = time.monotonic()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            runtime_command(
+                "serve", "--model-dir", str(model_dir), "--port", str(port), "--host", "127.0.0.1"
+            ),
+            env=dict(env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    server = RuntimeServer(process, f"http://127.0.0.1:{port}", log)
+    with httpx.Client(timeout=5) as client:
+        while time.monotonic() - started < START_TIMEOUT_S:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                response = client.get(f"{server.url}/ping")
+            except httpx.TransportError:
+                time.sleep(0.5)
+                continue
+            if response.status_code == 200:
+                server.startup_s = time.monotonic() - started
+                return server
+            server.pings_before_ready.append((response.status_code, response.json()))
+            time.sleep(1)
+    server.stop()
+    raise AssertionError(f"server not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+def write_properties(model_dir: Path, lines: Mapping[str, str]) -> None:
+    """Write serving.properties (keys as given, e.g. "engine" or "option.model_id")."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"{key}={value}\n" for key, value in lines.items())
+    (model_dir / "serving.properties").write_text(text, encoding="utf-8")
+
+
+SEED_STYLE_HANDLER = '''
+from djl_python import Input, Output
+from djl_python.encode_decode import decode
+from djl_python.async_utils import create_non_stream_output
+from vllm import SamplingParams
+
+from lmi_runtime.handler import get_runtime
+
+
+async def handle(inputs: Input) -> Output:
+    """The seed guide's handler, using the runtime's engine instead of building a second one."""
+    batch = inputs.get_batches()
+    raw_request = batch[0]
+    content_type = raw_request.get_property("Content-Type")
+    decoded_payload = decode(raw_request, content_type)
+    mode = decoded_payload.get("custom")
+    if mode is None:
+        return None  # the default handler answers
+    if mode == "fail":
+        raise ValueError("the handler refused")
+    prompt = decoded_payload.get("inputs", "Hello")
+    sampling_params = SamplingParams(max_tokens=5, temperature=0.0)
+    final = None
+    async for output in get_runtime().engine.generate(prompt, sampling_params, request_id="custom-" + prompt):
+        final = output
+    generated_text = final.outputs[0].text if final else "No output"
+    properties = inputs.get_properties()
+    return create_non_stream_output(
+        {"generated_text": generated_text, "model_id": properties.get("model_id"), "custom": True}
+    )
+'''
+
+
+@pytest.fixture(scope="module")
+def async_server(
+    tiny_model: TinyModel, vllm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RuntimeServer]:
+    """The guide's async-mode serving.properties, with LoRA, a preloaded adapter and a model.py."""
+    model_dir = tmp_path_factory.mktemp("async-model-dir")
+    write_properties(
+        model_dir,
+        {
+            "engine": "Python",
+            "option.async_mode": "true",
+            "option.rolling_batch": "disable",
+            "option.entryPoint": "djl_python.lmi_vllm.vllm_async_service",
+            "option.tensor_parallel_degree": "max",
+            "option.model_id": str(tiny_model.path),
+            "option.enable_lora": "true",
+            "option.max_lora_rank": "8",
+            **{f"option.{key}": value for key, value in TEST_OPTIONS.items()},
+        },
+    )
+    shutil.copytree(tiny_model.adapters["a1"], model_dir / "adapters" / "a1")
+    (model_dir / "model.py").write_text(SEED_STYLE_HANDLER, encoding="utf-8")
+    server = start_server(model_dir, vllm_env, model_dir.parent / "async-server.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def rolling_server(
+    tiny_model: TinyModel, vllm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RuntimeServer]:
+    """The guide's rolling-batch configuration from environment variables only."""
+    model_dir = tmp_path_factory.mktemp("env-only-model-dir")
+    env = dict(vllm_env)
+    env.update(
+        HF_MODEL_ID=str(tiny_model.path),
+        TENSOR_PARALLEL_DEGREE="max",
+        OPTION_ROLLING_BATCH="vllm",
+        OPTION_MAX_ROLLING_BATCH_SIZE="64",
+        **{f"OPTION_{key.upper()}": value for key, value in TEST_OPTIONS.items()},
+    )
+    server = start_server(model_dir, env, model_dir.parent / "rolling-server.log")
+    try:
+        yield server
+    finally:
+        server.stop()

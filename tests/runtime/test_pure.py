@@ -1,0 +1,219 @@
+"""Pure parts of the runtime: properties parsing, devices, the LMI schema mapping, djl_python."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from djl_python import Input, Output
+from djl_python.async_utils import create_non_stream_output, handle_streaming_response
+from djl_python.encode_decode import decode
+from lmi_runtime.devices import max_tensor_parallel, visible_gpu_count
+from lmi_runtime.handler import handler_response, output_response
+from lmi_runtime.lmi_schema import (
+    PayloadError,
+    StreamState,
+    route_of,
+    to_completion,
+    to_lmi_response,
+    to_lmi_stream_lines,
+)
+from lmi_runtime.properties import load_settings, parse_properties, settings_from_environment
+
+
+def test_parse_properties_comments_separators_and_continuations() -> None:
+    text = "# comment\n! also\nengine=Python\noption.model_id : /m\noption.x = a \\\n   b\n\n"
+    assert parse_properties(text) == {"engine": "Python", "option.model_id": "/m", "option.x": "a b"}
+
+
+def test_environment_conversion() -> None:
+    options = settings_from_environment(
+        {
+            "OPTION_MAX_ROLLING_BATCH_SIZE": "8",
+            "OPTION_ENTRYPOINT": "x",
+            "OPTION_mixedCase": "1",
+            "HF_MODEL_ID": "m",
+            "OPTION_EMPTY": "",
+        }
+    )
+    assert options["max_rolling_batch_size"].describe() == "OPTION_MAX_ROLLING_BATCH_SIZE=8"
+    assert options["entrypoint"].value == "x"
+    assert options["mixedcase"].value == "1"
+    assert options["model_id"].describe() == "HF_MODEL_ID=m"
+    assert "empty" not in options
+
+
+def test_alias_labels_name_the_variable_the_person_set() -> None:
+    options = settings_from_environment({"ENABLE_CUDA_GRAPHS": "true", "SM_NUM_GPUS": "4"})
+    assert options["enforce_eager"].describe() == "ENABLE_CUDA_GRAPHS=false"
+    assert options["tensor_parallel_degree"].describe() == "SM_NUM_GPUS=4"
+
+
+def test_option_engine_is_top_level(tmp_path: Path) -> None:
+    settings = load_settings(tmp_path, {"OPTION_ENGINE": "Python"})
+    assert settings.top_level["engine"].value == "Python"
+    assert "engine" not in settings.options
+
+
+@given(st.integers(0, 16), st.integers(1, 8))
+def test_max_tensor_parallel_is_at_least_one(gpus: int, pipeline: int) -> None:
+    degree = max_tensor_parallel(gpus, pipeline)
+    assert degree >= 1
+    assert degree * pipeline <= max(gpus, pipeline)
+
+
+def test_visible_gpu_count_sources() -> None:
+    assert visible_gpu_count({"CUDA_VISIBLE_DEVICES": "-1"}, lambda: 8) == 0
+    assert visible_gpu_count({"CUDA_VISIBLE_DEVICES": "2,3", "NVIDIA_VISIBLE_DEVICES": "all"}, lambda: 8) == 2
+    assert visible_gpu_count({}, lambda: 3) == 3
+
+
+def test_route_of_first_match_wins() -> None:
+    assert route_of({"prompt": "a", "inputs": "b"}) == "completion"
+    assert route_of({"inputs": "b", "messages": []}) == "lmi"
+    assert route_of({"messages": []}) == "chat"
+    with pytest.raises(PayloadError):
+        route_of([1, 2])
+
+
+def test_to_completion_maps_lmi_parameters() -> None:
+    request = to_completion(
+        {
+            "inputs": "hi",
+            "parameters": {
+                "max_new_tokens": 5,
+                "do_sample": False,
+                "return_full_text": True,
+                "details": True,
+                "top_n_tokens": 2,
+                "ignore_eos_token": True,
+                "truncate": 10,
+                "stop_sequences": ["x"],
+                "seed": 7,
+                "top_p": 0.9,
+            },
+        },
+        "lmi",
+    )
+    assert request.completion == {
+        "prompt": "hi",
+        "model": "lmi",
+        "max_tokens": 5,
+        "echo": True,
+        "n": 2,
+        "ignore_eos": True,
+        "stream": False,
+        "truncate_prompt_tokens": 10,
+        "stop": ["x"],
+        "logprobs": 1,
+        "return_tokens_as_token_ids": True,
+        "temperature": 0.0,
+        "seed": 7,
+        "top_p": 0.9,
+    }
+    assert request.details and not request.include_prompt
+
+
+def test_to_completion_defaults_and_stream() -> None:
+    request = to_completion({"inputs": "hi", "stream": True, "parameters": {"return_full_text": True}}, "m")
+    assert request.completion["max_tokens"] == 30
+    assert "echo" not in request.completion and request.include_prompt
+    with pytest.raises(PayloadError, match="must be a string"):
+        to_completion({"inputs": 3}, "m")
+
+
+def test_lmi_response_and_stream() -> None:
+    request = to_completion({"inputs": "p", "parameters": {"details": True}}, "m")
+    response = {
+        "choices": [
+            {
+                "text": "ab",
+                "finish_reason": "length",
+                "logprobs": {"tokens": ["token_id:5", "token_id:6"], "token_logprobs": [-1.0, -2.0]},
+            }
+        ],
+        "usage": {"completion_tokens": 2},
+    }
+    text = {5: "a", 6: "b"}.__getitem__
+    assert to_lmi_response(response, request, text) == {
+        "generated_text": "ab",
+        "details": {
+            "finish_reason": "length",
+            "generated_tokens": 2,
+            "seed": None,
+            "tokens": [{"id": 5, "text": "a", "logprob": -1.0}, {"id": 6, "text": "b", "logprob": -2.0}],
+        },
+    }
+    stream = to_completion({"inputs": "p", "stream": True, "parameters": {"return_full_text": True}}, "m")
+    state = StreamState()
+
+    def event(token: int, finish: str | None) -> str:
+        choice = {
+            "index": 0,
+            "text": text(token),
+            "finish_reason": finish,
+            "logprobs": {"tokens": [f"token_id:{token}"], "token_logprobs": [-0.5]},
+        }
+        return "data: " + json.dumps(
+            {"choices": [choice], "usage": {"completion_tokens": 1, "prompt_tokens": 1}}
+        )
+
+    first = to_lmi_stream_lines(event(5, None), stream, state, text)
+    last = to_lmi_stream_lines(event(6, "length"), stream, state, text)
+    assert first == [
+        {
+            "index": 0,
+            "token": {"id": 5, "text": "a", "logprob": -0.5},
+            "generated_text": None,
+            "details": None,
+        }
+    ]
+    assert last[0]["generated_text"] == "pab"
+    assert to_lmi_stream_lines("data: [DONE]", stream, state, text) == []
+    error = to_lmi_stream_lines(
+        'data: {"error": {"message": "bad", "code": 400}}', stream, StreamState(), text
+    )
+    assert error == [{"code": 400, "error": "bad"}]
+
+
+def test_djl_python_input_and_decode() -> None:
+    inputs = Input({"model_id": "m", "content-type": "application/json"}, b'{"inputs": "x"}')
+    assert inputs.get_batches() == [inputs]
+    assert inputs.get_property("Content-Type") == "application/json"
+    assert decode(inputs, inputs.get_property("Content-Type")) == {"inputs": "x"}
+    assert decode(Input({}, b"hello"), "text/plain") == {"inputs": ["hello"]}
+    assert inputs.get_properties()["model_id"] == "m"
+
+
+def test_non_stream_output_to_response() -> None:
+    ok = output_response(create_non_stream_output({"generated_text": "x"}))
+    assert ok.status_code == 200 and json.loads(bytes(ok.body)) == {"generated_text": "x"}
+    failed = output_response(create_non_stream_output("", error="bad input", code=400))
+    assert failed.status_code == 400 and json.loads(bytes(failed.body)) == {"code": 400, "error": "bad input"}
+    plain = output_response(Output().error("nope"))
+    assert plain.status_code == 424 and json.loads(bytes(plain.body))["error"] == "nope"
+    with pytest.raises(TypeError):
+        handler_response({"generated_text": "x"})
+
+
+def test_streaming_helpers_produce_json_lines() -> None:
+    async def words() -> AsyncIterator[str]:
+        for word in ("a", "b", "END"):
+            yield word
+
+    def formatter(chunk: str) -> tuple[str, bool]:
+        return json.dumps({"token": chunk}), chunk == "END"
+
+    async def collect() -> bytes:
+        response = handler_response(handle_streaming_response(words(), formatter))
+        chunks = [chunk async for chunk in response.body_iterator]  # type: ignore[attr-defined]
+        return b"".join(chunk if isinstance(chunk, bytes) else chunk.encode() for chunk in chunks)
+
+    lines = asyncio.run(collect()).decode().splitlines()
+    assert [json.loads(line)["token"] for line in lines] == ["a", "b", "END"]

@@ -1,0 +1,341 @@
+"""The operator against the real control plane with kwok GPU nodes: children, status, scaling,
+rollouts, drift, cascading deletes, invalid specs and the pod failures a kubelet reports."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lmi_operator.api import parse_lmimodel
+from lmi_operator.drift import contains
+from lmi_operator.render import render
+from lmi_operator.settings import OperatorSettings
+from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster
+from lmi_operator.testing.operator import OperatorThread
+from tests.waiting import eventually
+
+pytestmark = pytest.mark.cluster
+
+EXAMPLES = REPO_ROOT / "examples"
+
+
+def model_doc(name: str, **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model": {"id": "Qwen/Qwen2.5-0.5B-Instruct"},
+        "engine": {"tensorParallelDegree": 1},
+        "resources": {"gpus": 1},
+    }
+    return {
+        "apiVersion": "serving.lmi.dev/v1alpha1",
+        "kind": "LMIModel",
+        "metadata": {"name": name},
+        "spec": base | spec,
+    }
+
+
+def apply(cluster: LocalCluster, namespace: str, doc: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+
+
+def get(cluster: LocalCluster, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+    proc = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    if proc.returncode != 0:
+        return None
+    obj: dict[str, Any] = json.loads(proc.stdout)
+    return obj
+
+
+def condition(obj: dict[str, Any] | None, ctype: str) -> dict[str, Any]:
+    for c in (obj or {}).get("status", {}).get("conditions", []):
+        if c["type"] == ctype:
+            return dict(c)
+    return {}
+
+
+def wait_reason(
+    cluster: LocalCluster, namespace: str, name: str, reason: str, timeout: float = 60, ctype: str = "Ready"
+) -> dict[str, Any]:
+    seen: list[Any] = [None]
+
+    def probe() -> dict[str, Any] | None:
+        obj = get(cluster, namespace, "lmimodel", name)
+        seen[0] = (obj or {}).get("status")
+        ready = condition(obj, ctype)
+        current = obj is not None and obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+        return obj if current and ready.get("reason") == reason else None
+
+    try:
+        return eventually(probe, timeout=timeout, what=f"{name} {ctype} reason {reason}")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; last status: {seen[0]}") from None
+
+
+def wait_ready(cluster: LocalCluster, namespace: str, name: str) -> dict[str, Any]:
+    cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", f"lmimodel/{name}", "--timeout=60s")
+    return wait_reason(cluster, namespace, name, "Available")
+
+
+@pytest.mark.parametrize(
+    "example",
+    ["llama-3-8b.yaml", "gpt-neox-20b.yaml", "custom-handler.yaml", "autoscaling.yaml", "lora.yaml"],
+)
+def test_children_are_exactly_the_rendered_objects(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str, example: str
+) -> None:
+    docs = [d for d in yaml.safe_load_all((EXAMPLES / example).read_text()) if d]
+    for doc in docs:
+        apply(cluster, namespace, doc)
+    model = next(d for d in docs if d["kind"] == "LMIModel")
+    name = model["metadata"]["name"]
+    live_model = wait_ready(cluster, namespace, name)
+    rendered = render(parse_lmimodel(live_model), operator.settings)
+    selector = f"serving.lmi.dev/model={name}"
+    for desired in rendered.objects:
+        live = get(cluster, namespace, desired["kind"].lower(), desired["metadata"]["name"])
+        assert live is not None, f"{desired['kind']} missing"
+        assert contains(live, desired), f"{desired['kind']} differs from the rendered object"
+        (owner,) = live["metadata"]["ownerReferences"]
+        assert owner["uid"] == live_model["metadata"]["uid"] and owner["controller"] is True
+    kinds = "configmaps,services,deployments,poddisruptionbudgets,horizontalpodautoscalers"
+    listed = json.loads(cluster.kubectl("get", kinds, "-n", namespace, "-l", selector, "-o", "json").stdout)
+    assert sorted(o["kind"] for o in listed["items"]) == sorted(o["kind"] for o in rendered.objects)
+    status = live_model["status"]
+    assert status["endpoint"] == f"http://{name}.{namespace}.svc.cluster.local:8080"
+    assert status["selector"] == "app.kubernetes.io/managed-by=lmi-operator,serving.lmi.dev/model=" + name
+    assert status["engineOptions"]["model_id"] == model["spec"]["model"]["id"]
+
+
+def test_ready_status_and_columns(cluster: LocalCluster, operator: OperatorThread, namespace: str) -> None:
+    apply(cluster, namespace, model_doc("small", replicas=2))
+    obj = wait_ready(cluster, namespace, "small")
+    assert obj["status"]["readyReplicas"] == 2 and obj["status"]["ready"] == "2/2"
+    for ctype, status in [("Progressing", "False"), ("Degraded", "False"), ("Reconciling", "False")]:
+        assert condition(obj, ctype)["status"] == status
+    table = cluster.kubectl("get", "lmi", "small", "-n", namespace).stdout
+    assert "2/2" in table and "Available" in table
+
+
+def test_insufficient_gpus_are_reported_with_counts(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    apply(cluster, namespace, model_doc("huge", engine={"tensorParallelDegree": 16}, resources={"gpus": 16}))
+    obj = wait_reason(cluster, namespace, "huge", "InsufficientGPU")
+    message = condition(obj, "Ready")["message"]
+    assert "requested 16 nvidia.com/gpu per replica" in message
+    assert "free on one node" in message and "gpu-h100-0=" in message
+    assert "Insufficient nvidia.com/gpu" in message
+    assert condition(obj, "Stalled")["status"] == "True"
+    events = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=huge"
+    ).stdout
+    assert "InsufficientGPU" in events
+
+
+def test_scale_through_the_scale_subresource_and_spec(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    apply(cluster, namespace, model_doc("scaled"))
+    wait_ready(cluster, namespace, "scaled")
+    cluster.kubectl("scale", "lmimodel", "scaled", "-n", namespace, "--replicas=3")
+    obj = eventually(
+        lambda: (o := wait_ready(cluster, namespace, "scaled")) and o["status"]["readyReplicas"] == 3 and o,
+        what="3 ready replicas",
+    )
+    assert obj["spec"]["replicas"] == 3
+    assert get(cluster, namespace, "deployment", "scaled")["spec"]["replicas"] == 3  # type: ignore[index]
+    assert get(cluster, namespace, "pdb", "scaled") is not None
+    cluster.kubectl(
+        "patch", "lmimodel", "scaled", "-n", namespace, "--type=merge", "-p", '{"spec":{"replicas":1}}'
+    )
+    eventually(lambda: get(cluster, namespace, "pdb", "scaled") is None, what="the PDB pruned at 1 replica")
+    eventually(
+        lambda: get(cluster, namespace, "deployment", "scaled")["status"].get("replicas") == 1,  # type: ignore[index]
+        what="1 replica",
+    )
+
+
+def test_spec_change_rolls_out(cluster: LocalCluster, operator: OperatorThread, namespace: str) -> None:
+    apply(cluster, namespace, model_doc("rolling"))
+    wait_ready(cluster, namespace, "rolling")
+    old_pods = set(
+        cluster.kubectl(
+            "get", "pods", "-n", namespace, "-l", "serving.lmi.dev/model=rolling", "-o", "name"
+        ).stdout.split()
+    )
+    patch = {"spec": {"engine": {"tensorParallelDegree": 1, "maxRollingBatchSize": 16}}}
+    cluster.kubectl("patch", "lmimodel", "rolling", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+    obj = wait_ready(cluster, namespace, "rolling")
+    assert obj["status"]["observedGeneration"] == 2
+    assert obj["status"]["engineOptions"]["max_rolling_batch_size"] == "16"
+    config = get(cluster, namespace, "configmap", "rolling-lmi-config")
+    assert "option.max_rolling_batch_size=16" in config["data"]["serving.properties"]  # type: ignore[index]
+
+    def old_gone() -> bool:
+        pods = cluster.kubectl(
+            "get", "pods", "-n", namespace, "-l", "serving.lmi.dev/model=rolling", "-o", "name"
+        )
+        return not (set(pods.stdout.split()) & old_pods)
+
+    eventually(old_gone, what="old pods gone")
+    events = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=rolling", "-o", "json"
+    ).stdout
+    reasons = [
+        e["reason"] for e in json.loads(events)["items"] if e["source"].get("component") == "lmi-operator"
+    ]
+    # Progressing (RolloutInProgress) was reported between the two Available states.
+    assert reasons.count("Available") == 2 and "RolloutInProgress" in reasons
+
+
+def test_drift_is_restored(cluster: LocalCluster, operator: OperatorThread, namespace: str) -> None:
+    apply(cluster, namespace, model_doc("drifty"))
+    wait_ready(cluster, namespace, "drifty")
+    cluster.kubectl("delete", "service", "drifty", "-n", namespace)
+    eventually(lambda: get(cluster, namespace, "service", "drifty"), what="the Service recreated")
+    patch = {
+        "spec": {
+            "template": {"spec": {"containers": [{"name": "model-server", "image": "evil.invalid/x:1"}]}}
+        }
+    }
+    cluster.kubectl(
+        "patch", "deployment", "drifty", "-n", namespace, "--type=strategic", "-p", json.dumps(patch)
+    )
+
+    def image() -> str:
+        dep = get(cluster, namespace, "deployment", "drifty")
+        return str(dep["spec"]["template"]["spec"]["containers"][0]["image"])  # type: ignore[index]
+
+    eventually(lambda: image() == operator.settings.runtime_image, what="the image restored")
+    cluster.kubectl(
+        "patch",
+        "configmap",
+        "drifty-lmi-config",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"data":{"serving.properties":"engine=Python\\n"}}',
+    )
+
+    def properties() -> str:
+        return str(get(cluster, namespace, "configmap", "drifty-lmi-config")["data"]["serving.properties"])  # type: ignore[index]
+
+    eventually(lambda: "option.model_id=Qwen/Qwen2.5-0.5B-Instruct" in properties(), what="config restored")
+
+
+def test_delete_cascades(cluster: LocalCluster, operator: OperatorThread, namespace: str) -> None:
+    apply(cluster, namespace, model_doc("doomed"))
+    wait_ready(cluster, namespace, "doomed")
+    cluster.kubectl("delete", "lmimodel", "doomed", "-n", namespace)
+
+    def all_gone() -> bool:
+        return all(
+            get(cluster, namespace, kind, name) is None
+            for kind, name in [
+                ("deployment", "doomed"),
+                ("service", "doomed"),
+                ("configmap", "doomed-lmi-config"),
+            ]
+        )
+
+    eventually(all_gone, timeout=60, what="the garbage collector to delete the children")
+
+
+def test_invalid_spec_creates_nothing(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    doc = model_doc("typo", engine={"tensorParallelDegree": 1, "options": {"enforce_eagr": "true"}})
+    apply(cluster, namespace, doc)
+    obj = wait_reason(cluster, namespace, "typo", "InvalidSpec")
+    message = condition(obj, "Ready")["message"]
+    assert "spec.engine.options.enforce_eagr" in message and "enforce_eager" in message
+    assert condition(obj, "Stalled")["status"] == "True"
+    time.sleep(1)
+    assert get(cluster, namespace, "deployment", "typo") is None
+    assert get(cluster, namespace, "configmap", "typo-lmi-config") is None
+    bad_value = model_doc("badvalue", engine={"tensorParallelDegree": 1, "options": {"enforce_eager": "yes"}})
+    apply(cluster, namespace, bad_value)
+    obj = wait_reason(cluster, namespace, "badvalue", "InvalidSpec")
+    assert (
+        "spec.engine.options.enforce_eager: 'yes' must be true or false" in condition(obj, "Ready")["message"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("image", "reason", "gist"),
+    [
+        ("fault.lmi.test/crashloop:1", "CrashLoop", "is crash-looping (restarts: 4"),
+        ("fault.lmi.test/imagepull:1", "ImagePullFailed", "ImagePullBackOff"),
+        ("fault.lmi.test/oomkilled:1", "OOMKilled", "was OOMKilled"),
+        ("fault.lmi.test/slowstart:1", "StartupTimeout", "over spec.startup.timeoutSeconds=60"),
+    ],
+)
+def test_pod_failures_are_reported(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str, image: str, reason: str, gist: str
+) -> None:
+    name = reason.lower()
+    apply(cluster, namespace, model_doc(name, image=image, startup={"timeoutSeconds": 60}))
+    obj = wait_reason(cluster, namespace, name, reason)
+    assert gist in condition(obj, "Ready")["message"]
+    assert condition(obj, "Degraded") | {"lastTransitionTime": None} == condition(obj, "Degraded") | {
+        "lastTransitionTime": None,
+        "status": "True",
+        "reason": reason,
+    }
+
+
+def test_missing_secret_is_reported_then_recovers(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    doc = model_doc("gated")
+    doc["spec"]["model"]["hfTokenSecretRef"] = {"name": "hf-token", "key": "token"}
+    apply(cluster, namespace, doc)
+    # kwok starts pods without the Secret, so Ready may already be True: Degraded tells the truth.
+    obj = wait_reason(cluster, namespace, "gated", "MissingSecret", ctype="Degraded")
+    assert "Secret 'hf-token' not found" in condition(obj, "Degraded")["message"]
+    cluster.kubectl("create", "secret", "generic", "hf-token", "-n", namespace, "--from-literal=token=hf_x")
+    obj = wait_reason(cluster, namespace, "gated", "Available", timeout=90, ctype="Degraded")
+    assert condition(obj, "Degraded")["status"] == "False" and condition(obj, "Ready")["status"] == "True"
+
+
+def test_no_op_resync_writes_nothing_and_spec_is_never_written(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    apply(cluster, namespace, model_doc("quiet", replicas=2))
+    wait_ready(cluster, namespace, "quiet")
+    time.sleep(2)
+    before = operator.writes_in(namespace)
+    # Events that trigger reconciles without changing the spec: labels on the model and its pods.
+    cluster.kubectl("label", "lmimodel", "quiet", "-n", namespace, "touched=1")
+    cluster.kubectl("annotate", "deployment", "quiet", "-n", namespace, "touched=1")
+    cluster.kubectl("label", "pods", "-n", namespace, "-l", "serving.lmi.dev/model=quiet", "touched=1")
+    time.sleep(3)
+    assert operator.writes_in(namespace) == before
+    shown = cluster.kubectl(
+        "get", "lmimodel", "quiet", "-n", namespace, "-o", "json", "--show-managed-fields"
+    )
+    obj = json.loads(shown.stdout)
+    managers = {(m["manager"], m.get("subresource", "")) for m in obj["metadata"]["managedFields"]}  # type: ignore[index]
+    assert ("lmi-operator", "status") in managers
+    assert all(sub == "status" for manager, sub in managers if manager == "lmi-operator")
+
+
+def test_settings_from_environment_name_unknown_keys() -> None:
+    with pytest.raises(
+        ValueError, match="unknown setting LMI_OPERATOR_WORKERZ; allowed: LMI_OPERATOR_NAMESPACES"
+    ):
+        OperatorSettings.from_env({"LMI_OPERATOR_WORKERZ": "3"})
+    assert OperatorSettings.from_env({"LMI_OPERATOR_NAMESPACES": "a, b"}).namespaces == ("a", "b")
+
+
+def test_render_is_deterministic_for_every_example() -> None:
+    from lmi_operator.render_file import render_yaml
+
+    settings = OperatorSettings()
+    for path in sorted(Path(EXAMPLES).glob("*.yaml")):
+        assert render_yaml(str(path), settings=settings) == render_yaml(str(path), settings=settings)
