@@ -420,7 +420,7 @@ def test_tensor_parallel_max_resolves_to_gpus_over_pipeline_stages() -> None:
 def test_defaults_are_lmi_and_kubernetes_defaults() -> None:
     spec = api.parse_lmimodel(BASE).spec
     assert spec.engine.mode == "async" and spec.engine.effective_max_rolling_batch_size() == 32
-    assert spec.resources.gpu_resource_name == "nvidia.com/gpu" and spec.resources.gpus == 1
+    assert spec.resources.gpu_resource_name is None and spec.resources.gpus == 1
     assert spec.startup.timeout_seconds == 3600
     assert spec.rollout.effective_max_surge() == 1 and spec.rollout.effective_max_unavailable() == 0
     assert spec.replicas == 1 and spec.lora is None

@@ -561,11 +561,14 @@ class Resources(_Object):
             "engine.tensorParallelDegree x engine.pipelineParallelDegree. 0 runs vLLM on CPU."
         ),
     )
-    gpu_resource_name: str = Field(
-        "nvidia.com/gpu",
+    gpu_resource_name: str | None = Field(
+        None,
         max_length=253,
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
-        description="Extended resource that counts GPUs on the nodes.",
+        description=(
+            "Extended resource that counts GPUs on the nodes (e.g. amd.com/gpu); defaults to the "
+            "operator's setting, nvidia.com/gpu unless configured otherwise."
+        ),
     )
     cpu: Quantity | None = Field(None, description="CPU request of the container (a quantity: 8, 500m).")
     memory: Quantity | None = Field(
