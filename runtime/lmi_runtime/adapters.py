@@ -6,7 +6,9 @@ Adapters live in vLLM's own registry (OpenAIServingModels.lora_requests), so the
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,9 @@ class AdapterError(Exception):
         self.message = message
 
 
+ADAPTERS_ENV = "LMI_ADAPTERS"
+
+
 def preload_dirs(model_dir: Path, enable_lora: bool) -> dict[str, Path]:
     """Adapters to register at start-up: every sub-folder of <model dir>/adapters, by name."""
     root = model_dir / ADAPTERS_DIR
@@ -38,6 +43,30 @@ def preload_dirs(model_dir: Path, enable_lora: bool) -> dict[str, Path]:
             f"{root} holds adapters ({', '.join(found)}) but LoRA is off: set option.enable_lora=true"
         )
     return found
+
+
+def preload_sources(model_dir: Path, enable_lora: bool, environ: Mapping[str, str]) -> dict[str, str]:
+    """Every adapter to register at start-up: the folders under <model dir>/adapters, plus those the
+    operator lists in $LMI_ADAPTERS as a JSON object {name: path or hub id} (spec.lora.adapters)."""
+    sources = {name: str(path) for name, path in preload_dirs(model_dir, enable_lora).items()}
+    raw = environ.get(ADAPTERS_ENV)
+    if not raw:
+        return sources
+    try:
+        listed = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise RuntimeConfigError(f"{ADAPTERS_ENV}: not JSON ({err.msg}); expected {{name: source}}") from None
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+        raise RuntimeConfigError(f"{ADAPTERS_ENV}: expected a JSON object of adapter name to source")
+    if listed and not enable_lora:
+        raise RuntimeConfigError(
+            f"{ADAPTERS_ENV} lists adapters but LoRA is off: set option.enable_lora=true"
+        )
+    if clash := sorted(set(listed) & set(sources)):
+        raise RuntimeConfigError(
+            f"{ADAPTERS_ENV}: adapter {clash[0]!r} is also a folder under {model_dir / ADAPTERS_DIR}"
+        )
+    return sources | dict(sorted(listed.items()))
 
 
 def _error_of(result: Any) -> tuple[int, str] | None:

@@ -30,7 +30,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from lmi_runtime.adapters import AdapterError, AdapterRegistry, preload_dirs
+from lmi_runtime.adapters import AdapterError, AdapterRegistry, preload_sources
 from lmi_runtime.engine_args import ResolvedConfig, resolve
 from lmi_runtime.errors import RuntimeConfigError
 from lmi_runtime.handler import Handle, RuntimeServices, call_handler, load_handler, set_runtime
@@ -414,7 +414,7 @@ async def _watch_engine(engine: Any, server: uvicorn.Server, failed: list[bool])
 
 
 async def _serve(
-    config: ResolvedConfig, handle: Handle | None, preload: dict[str, Path], sock: socket.socket
+    config: ResolvedConfig, handle: Handle | None, preload: dict[str, str], sock: socket.socket
 ) -> int:
     started = time.monotonic()
     name = config.served_model_names[0]
@@ -427,8 +427,8 @@ async def _serve(
             if inspect.isawaitable(tokenizer):
                 tokenizer = await tokenizer
             registry = AdapterRegistry(app.state.openai_serving_models, engine, config.enable_lora)
-            for adapter, path in preload.items():
-                await registry.register(adapter, str(path))
+            for adapter, source in preload.items():
+                await registry.register(adapter, source)
             completion = getattr(app.state, "openai_serving_completion", None)
             chat = getattr(app.state, "openai_serving_chat", None)
             service = LmiService(config, handle, engine, completion, chat, registry, tokenizer)
@@ -469,7 +469,7 @@ def serve(model_dir: Path, host: str, port: int) -> int:
     settings = load_settings(model_dir, os.environ)
     config = resolve(settings, os.environ)
     handle = load_handler(model_dir)
-    preload = preload_dirs(model_dir, config.enable_lora)
+    preload = preload_sources(model_dir, config.enable_lora, os.environ)
     config.namespace.host = host
     config.namespace.port = port
     # vLLM's SageMaker layer would import <SAGEMAKER_MODEL_PATH>/model.py a second time with its own

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmi_runtime.adapters import preload_dirs
+from lmi_runtime.adapters import preload_dirs, preload_sources
 from lmi_runtime.engine_args import ResolvedConfig, resolve
 from lmi_runtime.errors import RuntimeConfigError
 from lmi_runtime.properties import load_settings, parse_properties
@@ -220,6 +220,22 @@ def test_adapters_without_lora_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(RuntimeConfigError, match=r"set option\.enable_lora=true"):
         preload_dirs(tmp_path, enable_lora=False)
     assert preload_dirs(tmp_path, enable_lora=True) == {"a1": tmp_path / "adapters" / "a1"}
+
+
+def test_adapters_listed_by_the_operator_join_the_folders(tmp_path: Path) -> None:
+    (tmp_path / "adapters" / "a1").mkdir(parents=True)
+    env = {"LMI_ADAPTERS": '{"zeta": "org/zeta-lora", "beta": "/opt/ml/adapters/beta"}'}
+    assert preload_sources(tmp_path, True, env) == {
+        "a1": str(tmp_path / "adapters" / "a1"),
+        "beta": "/opt/ml/adapters/beta",
+        "zeta": "org/zeta-lora",
+    }
+    with pytest.raises(RuntimeConfigError, match=r"LMI_ADAPTERS: adapter 'a1' is also a folder under"):
+        preload_sources(tmp_path, True, {"LMI_ADAPTERS": '{"a1": "org/a1"}'})
+    with pytest.raises(RuntimeConfigError, match=r"LMI_ADAPTERS: not JSON"):
+        preload_sources(tmp_path, True, {"LMI_ADAPTERS": "a1=org/a1"})
+    with pytest.raises(RuntimeConfigError, match=r"LMI_ADAPTERS lists adapters but LoRA is off"):
+        preload_sources(tmp_path / "none", False, {"LMI_ADAPTERS": '{"x": "org/x"}'})
 
 
 def test_serving_properties_win_over_environment(tmp_path: Path) -> None:
