@@ -188,7 +188,9 @@ def conditions_for(obs: Observed) -> list[dict[str, str]]:
     desired = obs.desired_replicas
     problem = problem_of(obs)
     rolled_out = obs.deployment is not None and current and updated >= desired and replicas == updated
-    serving = rolled_out and available >= desired and ready >= desired
+    # An invalid spec was not applied: what runs serves an older generation, not this one.
+    applied = problem is None or problem.reason != INVALID_SPEC
+    serving = applied and rolled_out and available >= desired and ready >= desired
 
     if problem is not None and problem.reason == INVALID_SPEC:
         progress_msg = "spec not applied: fix the spec"

@@ -1,0 +1,343 @@
+"""Pure parts of the operator, without a cluster: rendering, LMI properties, status decisions,
+drift detection, engine-option checks and the work queue."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from typing import Any
+
+import pytest
+
+from lmi_operator.api import parse_lmimodel
+from lmi_operator.drift import contains
+from lmi_operator.engine_options import check_options
+from lmi_operator.properties import serving_properties
+from lmi_operator.render import CONFIG_HASH, desired_replicas, render
+from lmi_operator.settings import OperatorSettings
+from lmi_operator.status import Observed, build_status, conditions_for
+from lmi_operator.workqueue import WorkQueue
+
+SETTINGS = OperatorSettings()
+NOW = datetime.datetime(2026, 11, 27, 12, 0, 0, tzinfo=datetime.UTC)
+
+
+def model(**spec: Any) -> Any:
+    body = {
+        "apiVersion": "serving.lmi.dev/v1alpha1",
+        "kind": "LMIModel",
+        "metadata": {"name": "m", "namespace": "ns", "uid": "u-1", "generation": 1},
+        "spec": {
+            "model": {"id": "org/model"},
+            "engine": {"tensorParallelDegree": 2},
+            "resources": {"gpus": 2},
+        }
+        | spec,
+    }
+    return parse_lmimodel(body)
+
+
+def kinds(obj: Any) -> list[str]:
+    return [o["kind"] for o in render(obj, SETTINGS).objects]
+
+
+def deployment(obj: Any) -> dict[str, Any]:
+    dep = render(obj, SETTINGS).by_kind("Deployment")
+    assert dep is not None
+    return dep
+
+
+def test_children_depend_on_replicas_and_autoscaling() -> None:
+    assert kinds(model()) == ["ConfigMap", "Deployment", "Service"]
+    assert kinds(model(replicas=2)) == ["ConfigMap", "Deployment", "Service", "PodDisruptionBudget"]
+    auto = model(
+        replicas=1, autoscaling={"minReplicas": 2, "maxReplicas": 4, "targetCPUUtilizationPercentage": 70}
+    )
+    assert kinds(auto) == [
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+    ]
+    hpa = render(auto, SETTINGS).by_kind("HorizontalPodAutoscaler")
+    assert hpa is not None and hpa["spec"]["scaleTargetRef"]["kind"] == "LMIModel"
+    # Replicas stay within the autoscaling bounds until the HPA writes spec.replicas.
+    assert desired_replicas(auto.spec) == 2 and deployment(auto)["spec"]["replicas"] == 2
+
+
+def test_pod_is_restricted_and_gets_gpus_tolerations_and_probes() -> None:
+    pod = deployment(model(startup={"timeoutSeconds": 7200}))["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] == 7200
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ping", "port": "http"}
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+
+
+def test_gpu_resource_comes_from_spec_else_settings() -> None:
+    amd = OperatorSettings(gpu_resource_name="amd.com/gpu")
+    dep = render(model(), amd).by_kind("Deployment")
+    assert dep is not None
+    assert dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["amd.com/gpu"] == "2"
+    own = model(resources={"gpus": 2, "gpuResourceName": "habana.ai/gaudi"})
+    dep = render(own, amd).by_kind("Deployment")
+    assert (
+        dep is not None
+        and "habana.ai/gaudi" in dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    )
+
+
+def test_hf_token_only_by_reference() -> None:
+    obj = model(model={"id": "org/gated", "hfTokenSecretRef": {"name": "hf", "key": "token"}})
+    rendered = render(obj, SETTINGS)
+    env = rendered.by_kind("Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]  # type: ignore[index]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in env
+    config = rendered.by_kind("ConfigMap")
+    assert config is not None and "hf" not in config["data"]["serving.properties"].split("model_id")[0]
+
+
+def test_config_change_changes_the_pod_template_hash_and_nothing_else_does() -> None:
+    def template_hash(obj: Any) -> str:
+        return str(deployment(obj)["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH])
+
+    base = template_hash(model())
+    assert template_hash(model()) == base
+    assert template_hash(model(engine={"tensorParallelDegree": 2, "maxRollingBatchSize": 8})) != base
+    assert template_hash(model(replicas=3)) == base
+
+
+def test_serving_properties_speak_lmi() -> None:
+    text = serving_properties(
+        model(
+            engine={
+                "tensorParallelDegree": 2,
+                "mode": "rollingBatch",
+                "quantize": "fp8",
+                "options": {"enforce_eager": "true"},
+            },
+            lora={"enabled": True, "maxLoras": 2},
+        ).spec
+    )
+    lines = text.splitlines()
+    assert "engine=Python" in lines and "option.rolling_batch=vllm" in lines
+    assert "option.max_rolling_batch_size=256" in lines and "option.quantize=fp8" in lines
+    assert "option.enable_lora=true" in lines and "option.max_loras=2" in lines
+    assert "option.enforce_eager=true" in lines and "option.async_mode=true" not in lines
+
+
+def test_engine_options_are_checked_against_the_pinned_vllm() -> None:
+    assert check_options({"enforce_eager": "true", "limit_mm_per_prompt": '{"image": 1}'}) is None
+    message = check_options({"enforce_eagr": "true", "max_num_seqs2": "3", "kv_cache_dtype": "fp8"})
+    assert message is not None
+    assert "spec.engine.options.enforce_eagr: not an engine argument of vLLM" in message
+    assert "did you mean enforce_eager" in message and "max_num_seqs2" in message
+    assert "must be true or false" in str(check_options({"enforce_eager": "yes"}))
+    assert "must be an integer" in str(check_options({"seed": "x"}))
+    assert "must be JSON" in str(check_options({"limit_mm_per_prompt": "{image: 1"}))
+    assert "set by the runtime itself" in str(check_options({"port": "9000"}))
+
+
+def observed(**kw: Any) -> Observed:
+    base: dict[str, Any] = {
+        "name": "m",
+        "namespace": "ns",
+        "generation": 2,
+        "desired_replicas": 1,
+        "gpus_per_replica": 2,
+        "gpu_resource": "nvidia.com/gpu",
+        "startup_timeout_seconds": 600,
+        "deployment": {
+            "metadata": {"generation": 5},
+            "status": {
+                "observedGeneration": 5,
+                "replicas": 1,
+                "readyReplicas": 1,
+                "updatedReplicas": 1,
+                "availableReplicas": 1,
+            },
+        },
+        "now": NOW,
+    }
+    return Observed(**(base | kw))
+
+
+def reasons(obs: Observed) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in conditions_for(obs)}
+
+
+def test_available_and_rollout_conditions() -> None:
+    assert reasons(observed()) == {
+        "Ready": ("True", "Available"),
+        "Progressing": ("False", "Available"),
+        "Degraded": ("False", "Available"),
+        "Reconciling": ("False", "Available"),
+        "Stalled": ("False", "Available"),
+    }
+    rolling = observed(
+        deployment={"metadata": {"generation": 6}, "status": {"observedGeneration": 5, "replicas": 1}}
+    )
+    assert reasons(rolling)["Ready"] == ("False", "RolloutInProgress")
+    assert reasons(rolling)["Reconciling"] == ("True", "RolloutInProgress")
+    # A generation bumped by others (an annotation) is not a rollout of ours.
+    touched = observed(
+        deployment={
+            "metadata": {"generation": 6},
+            "status": {
+                "observedGeneration": 5,
+                "replicas": 1,
+                "readyReplicas": 1,
+                "updatedReplicas": 1,
+                "availableReplicas": 1,
+            },
+        },
+        deployment_generation=5,
+    )
+    assert reasons(touched)["Ready"] == ("True", "Available")
+
+
+def pod(**status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "m-1"}, "status": status}
+
+
+@pytest.mark.parametrize(
+    ("the_pod", "reason"),
+    [
+        (
+            pod(
+                conditions=[
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                    }
+                ]
+            ),
+            "InsufficientGPU",
+        ),
+        (
+            pod(containerStatuses=[{"name": "c", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]),
+            "ImagePullFailed",
+        ),
+        (
+            pod(
+                containerStatuses=[
+                    {
+                        "name": "c",
+                        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                        "lastState": {"terminated": {"reason": "Error", "exitCode": 1}},
+                    }
+                ]
+            ),
+            "CrashLoop",
+        ),
+        (
+            pod(
+                containerStatuses=[
+                    {
+                        "name": "c",
+                        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                        "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}},
+                    }
+                ]
+            ),
+            "OOMKilled",
+        ),
+        (
+            pod(
+                containerStatuses=[
+                    {
+                        "name": "c",
+                        "state": {
+                            "waiting": {
+                                "reason": "CreateContainerConfigError",
+                                "message": 'secret "hf" not found',
+                            }
+                        },
+                    }
+                ]
+            ),
+            "MissingSecret",
+        ),
+        (
+            pod(
+                containerStatuses=[
+                    {
+                        "name": "c",
+                        "ready": False,
+                        "started": False,
+                        "state": {"running": {"startedAt": "2026-11-27T11:00:00Z"}},
+                    }
+                ]
+            ),
+            "StartupTimeout",
+        ),
+    ],
+)
+def test_pod_problems_become_reasons(the_pod: dict[str, Any], reason: str) -> None:
+    not_ready = {
+        "metadata": {"generation": 1},
+        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1},
+    }
+    obs = observed(deployment=not_ready, pods=[the_pod], free_gpus_by_node={"n1": 1})
+    got = reasons(obs)
+    assert (
+        got["Ready"] == ("False", reason)
+        and got["Degraded"] == ("True", reason)
+        and got["Stalled"][0] == "True"
+    )
+
+
+def test_invalid_spec_wins_and_timestamps_are_stable() -> None:
+    obs = observed(invalid_spec="spec.engine.options.x: not an engine argument")
+    status = build_status(obs, None)
+    assert status["conditions"][0]["reason"] == "InvalidSpec" and status["observedGeneration"] == 2
+    later = Observed(**{**obs.__dict__, "now": NOW + datetime.timedelta(minutes=5)})
+    assert build_status(later, status) == status
+
+
+def test_contains_ignores_server_defaults_and_canonical_quantities() -> None:
+    desired = {"spec": {"containers": [{"name": "c", "resources": {"limits": {"memory": "1024Mi"}}}]}}
+    live = {
+        "spec": {
+            "containers": [
+                {"name": "c", "resources": {"limits": {"memory": "1Gi"}}, "imagePullPolicy": "Always"}
+            ],
+            "dnsPolicy": "ClusterFirst",
+        }
+    }
+    assert contains(live, desired)
+    assert not contains(live, {"spec": {"containers": [{"name": "c", "image": "x"}]}})
+    assert not contains({"a": [1, 2]}, {"a": [1]})
+    assert not contains({"a": "1"}, {"a": 1})
+
+
+def test_work_queue_deduplicates_and_retries() -> None:
+    seen: list[str] = []
+    failures = {"b": 1}
+
+    async def process(key: str) -> None:
+        seen.append(key)
+        if failures.get(key):
+            failures[key] -= 1
+            raise RuntimeError("transient")
+
+    async def main() -> None:
+        queue: WorkQueue[str] = WorkQueue(process, workers=2, base_delay=0.01)
+        for key in ["a", "a", "b", "a"]:
+            queue.add(key)
+        runner = asyncio.create_task(queue.run())
+        await asyncio.sleep(0.2)
+        runner.cancel()
+
+    asyncio.run(main())
+    assert seen.count("a") == 1 and seen.count("b") == 2
