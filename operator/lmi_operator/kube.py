@@ -11,7 +11,7 @@ import json
 import os
 import ssl
 import tempfile
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from urllib.parse import quote
 import aiohttp
 import yaml
 
+from lmi_operator import metrics
 from lmi_operator.api import API_VERSION, KIND, PLURAL
 
 FIELD_MANAGER = "lmi-operator"
@@ -154,6 +155,34 @@ class KubeClient:
             await self._session.close()
             self._session = None
 
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=32), timeout=self._timeout
+            )
+        return self._session
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        if token := self.creds.bearer():
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    async def watch(self, path: str, **params: str) -> AsyncIterator[dict[str, Any]]:
+        """Stream the watch events ({type, object}) of a collection until the server ends it."""
+        self.requests["WATCH"] += 1
+        query = {"watch": "1", "allowWatchBookmarks": "false", **params}
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+        async with self._open().get(
+            self.creds.server + path, params=query, headers=self._headers(), timeout=timeout
+        ) as resp:
+            if resp.status >= 400:
+                raise ApiError(resp.status, await resp.text())
+            async for line in resp.content:
+                if line.strip():
+                    event: dict[str, Any] = json.loads(line)
+                    yield event
+
     async def request(
         self,
         method: str,
@@ -164,20 +193,16 @@ class KubeClient:
         content_type: str = "application/json",
     ) -> dict[str, Any]:
         """Send one request; return the decoded JSON body or raise ApiError."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=32), timeout=self._timeout
-            )
-        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-        if token := self.creds.bearer():
-            headers["Authorization"] = f"Bearer {token}"
+        session = self._open()
+        headers = self._headers()
         data = None
         if body is not None:
             headers["Content-Type"] = content_type
             data = json.dumps(body, separators=(",", ":"))
         self.requests[method] += 1
         self.requests_by_path[method, path] += 1
-        async with self._session.request(
+        metrics.API_REQUESTS.labels(method).inc()
+        async with session.request(
             method, self.creds.server + path, data=data, params=params, headers=headers
         ) as resp:
             text = await resp.text()

@@ -21,6 +21,12 @@ API_WRITES = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+API_REQUESTS = Counter(
+    "lmi_operator_api_requests",
+    "Requests the reconciler sent to the API server, by method.",
+    ["method"],
+    registry=REGISTRY,
+)
 MODELS = Gauge(
     "lmi_operator_models", "LMIModels by the reason of their Ready condition.", ["reason"], registry=REGISTRY
 )

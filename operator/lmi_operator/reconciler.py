@@ -6,6 +6,7 @@ what differs. An unchanged world therefore costs no API request at all."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import time
@@ -91,6 +92,7 @@ class Reconciler:
         self.queue: WorkQueue[Key] = WorkQueue(self.reconcile, workers=settings.workers)
         self.last_progress = time.monotonic()
         self._free_gpus: tuple[float, dict[str, int]] | None = None
+        self._reasons: dict[Key, str] = {}
 
     # -- observations (from watch events) ---------------------------------------------------------
 
@@ -103,6 +105,7 @@ class Reconciler:
         st = self._state(key)
         if deleted:
             st.model = None
+            self._track(key, None)
             if not st.children and not st.pods:
                 self.state.pop(key, None)
             return
@@ -174,19 +177,22 @@ class Reconciler:
             return
 
         rendered = render(obj, self.settings)
-        for desired in rendered.objects:
-            live = st.children.get(desired["kind"])
-            if live is None or not contains(live, desired):
-                try:
-                    applied = await self.client.apply(desired)
-                except ApiError as err:
-                    if _namespace_going(err):
-                        return
-                    raise
-                metrics.API_WRITES.labels(desired["kind"]).inc()
-                st.children[desired["kind"]] = applied
-                if desired["kind"] == "Deployment":
-                    st.applied_generation = applied["metadata"].get("generation")
+        stale = [
+            d
+            for d in rendered.objects
+            if (live := st.children.get(d["kind"])) is None or not contains(live, d)
+        ]
+        # Independent objects: apply them together (a pod waits for its ConfigMap by itself).
+        results = await asyncio.gather(*(self.client.apply(d) for d in stale), return_exceptions=True)
+        for desired, result in zip(stale, results, strict=True):
+            if isinstance(result, ApiError) and _namespace_going(result):
+                return
+            if isinstance(result, BaseException):
+                raise result
+            metrics.API_WRITES.labels(desired["kind"]).inc()
+            st.children[desired["kind"]] = result
+            if desired["kind"] == "Deployment":
+                st.applied_generation = result["metadata"].get("generation")
         wanted = {o["kind"] for o in rendered.objects}
         for kind, api_version in OPTIONAL_KINDS.items():
             if kind in st.children and kind not in wanted:
@@ -253,6 +259,7 @@ class Reconciler:
         st = self._state(key)
         previous = body.get("status") or {}
         status = build_status(observed, previous)
+        self._track(key, next(c["reason"] for c in status["conditions"] if c["type"] == READY))
         if status == previous:
             return
         path = object_path(API_VERSION, KIND, key[0], key[1]) + "/status"
@@ -266,6 +273,15 @@ class Reconciler:
         if st.model is None or _rv(updated) >= _rv(st.model):
             st.model = updated
         await self._record_transitions(key, body, previous, status)
+
+    def _track(self, key: Key, reason: str | None) -> None:
+        """Keep the models-by-reason gauge current."""
+        old = self._reasons.pop(key, None)
+        if old is not None:
+            metrics.MODELS.labels(old).dec()
+        if reason is not None:
+            self._reasons[key] = reason
+            metrics.MODELS.labels(reason).inc()
 
     async def _record_transitions(
         self, key: Key, body: Mapping[str, Any], previous: Mapping[str, Any], status: Mapping[str, Any]

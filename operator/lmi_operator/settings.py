@@ -27,7 +27,7 @@ class OperatorSettings(BaseModel):
         default="nvidia.com/gpu",
         description="Extended resource of GPUs, unless spec.resources.gpuResourceName.",
     )
-    workers: int = Field(default=8, ge=1, le=256, description="Concurrent reconciles.")
+    workers: int = Field(default=16, ge=1, le=256, description="Concurrent reconciles.")
     leader_election: bool = Field(default=True, description="Hold a Lease so that one replica acts.")
     lease_namespace: str = Field(default="", description="Namespace of the Lease (default: the pod's).")
     lease_name: str = Field(default="lmi-operator", description="Name of the Lease.")

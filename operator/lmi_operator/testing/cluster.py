@@ -47,7 +47,8 @@ def tools_bin_dir() -> Path:
     return Path(out.strip().splitlines()[-1])
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -74,7 +75,7 @@ class Ports:
     @classmethod
     def pick(cls) -> Ports:
         """Free ports, chosen now (a later clash fails loudly at start-up, naming the component)."""
-        return cls(*(_free_port() for _ in range(6)))
+        return cls(*(free_port() for _ in range(6)))
 
 
 class LocalCluster:
