@@ -331,6 +331,10 @@ def test_settings_from_environment_name_unknown_keys() -> None:
     ):
         OperatorSettings.from_env({"LMI_OPERATOR_WORKERZ": "3"})
     assert OperatorSettings.from_env({"LMI_OPERATOR_NAMESPACES": "a, b"}).namespaces == ("a", "b")
+    with pytest.raises(
+        ValueError, match="LMI_OPERATOR_WORKERS='0': Input should be greater than or equal to 1"
+    ):
+        OperatorSettings.from_env({"LMI_OPERATOR_WORKERS": "0"})
 
 
 def test_render_is_deterministic_for_every_example() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from collections.abc import Callable
 
 import kopf
@@ -112,7 +113,14 @@ async def run_operator(
 
 def main(kubeconfig: str | None = None) -> int:
     """Entry point of `lmi-operator run`: exit code 0 on a clean stop, 1 when leadership was lost."""
-    settings = OperatorSettings.from_env()
+    try:
+        settings = OperatorSettings.from_env()
+        load_credentials(kubeconfig)
+    except (ValueError, OSError, KeyError, StopIteration) as err:
+        # Bad settings or credentials: one clear line, no traceback.
+        print(f"error: cannot start: {err or type(err).__name__}", file=sys.stderr)
+        return 2
+    kopf.configure(log_format=kopf.LogFormat[settings.log_format.upper()])
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
     try:

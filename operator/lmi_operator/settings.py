@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "LMI_OPERATOR_"
 
@@ -37,6 +38,9 @@ class OperatorSettings(BaseModel):
     identity: str = Field(default_factory=socket.gethostname, description="This replica's name in the Lease.")
     metrics_port: int = Field(default=8081, ge=0, le=65535, description="Prometheus /metrics port (0: off).")
     health_port: int = Field(default=8080, ge=0, le=65535, description="Liveness /healthz port (0: off).")
+    log_format: Literal["json", "plain", "full"] = Field(
+        default="json", description="Log lines as JSON objects (structured) or as text."
+    )
     stall_seconds: float = Field(
         default=300.0, gt=0, description="Liveness fails when the watch loop saw nothing for this long."
     )
@@ -57,4 +61,9 @@ class OperatorSettings(BaseModel):
         if unknown:
             allowed = ", ".join(ENV_PREFIX + f.upper() for f in cls.model_fields)
             raise ValueError(f"unknown setting {ENV_PREFIX}{unknown[0].upper()}; allowed: {allowed}")
-        return cls.model_validate(values)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as err:
+            first = err.errors()[0]
+            name = ENV_PREFIX + str(first["loc"][0]).upper()
+            raise ValueError(f"{name}={values.get(str(first['loc'][0]))!r}: {first['msg']}") from None
