@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -16,6 +19,7 @@ from lmi_operator.properties import serving_properties
 from lmi_operator.render import CONFIG_HASH, desired_replicas, render
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.status import Observed, build_status, conditions_for
+from lmi_operator.testing.cluster import REPO_ROOT
 from lmi_operator.workqueue import WorkQueue
 
 SETTINGS = OperatorSettings()
@@ -341,3 +345,12 @@ def test_work_queue_deduplicates_and_retries() -> None:
 
     asyncio.run(main())
     assert seen.count("a") == 1 and seen.count("b") == 2
+
+
+def test_engine_args_table_matches_the_installed_vllm() -> None:
+    """`make engine-args` output is committed; it must match the pinned vLLM the tests install."""
+    out = subprocess.run(
+        [sys.executable, "-m", "lmi_runtime", "engine-args-table"], capture_output=True, text=True, check=True
+    ).stdout
+    committed = (REPO_ROOT / "operator" / "lmi_operator" / "vllm_engine_args.json").read_text()
+    assert json.loads(out) == json.loads(committed), "stale table: run `make engine-args`"
