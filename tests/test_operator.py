@@ -299,8 +299,9 @@ def test_missing_secret_is_reported_then_recovers(
     obj = wait_reason(cluster, namespace, "gated", "MissingSecret", ctype="Degraded")
     assert "Secret 'hf-token' not found" in condition(obj, "Degraded")["message"]
     cluster.kubectl("create", "secret", "generic", "hf-token", "-n", namespace, "--from-literal=token=hf_x")
-    obj = wait_reason(cluster, namespace, "gated", "Available", timeout=90, ctype="Degraded")
-    assert condition(obj, "Degraded")["status"] == "False" and condition(obj, "Ready")["status"] == "True"
+    wait_reason(cluster, namespace, "gated", "Available", timeout=90, ctype="Degraded")
+    obj = wait_ready(cluster, namespace, "gated")
+    assert condition(obj, "Degraded")["status"] == "False"
 
 
 def test_no_op_resync_writes_nothing_and_spec_is_never_written(
