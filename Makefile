@@ -60,3 +60,6 @@ bench-operator: setup tools ## operator convergence at scale against kube-contro
 .PHONY: chart
 chart: setup ## regenerate the chart's CRD copy and README values table, deploy/ and the Argo CD ConfigMap
 	$(PY) -m lmi_operator.chartdocs
+
+bench-runtime: setup ## raw vLLM against lmi-runtime serve on CPU: start-up, RSS, throughput (BENCH_RUNTIME_ARGS=...)
+	$(PY) bench/runtime_overhead.py $(BENCH_RUNTIME_ARGS)

@@ -354,3 +354,19 @@ def test_engine_args_table_matches_the_installed_vllm() -> None:
     ).stdout
     committed = (REPO_ROOT / "operator" / "lmi_operator" / "vllm_engine_args.json").read_text()
     assert json.loads(out) == json.loads(committed), "stale table: run `make engine-args`"
+
+
+def test_liveness_is_ok_on_standby_and_fails_when_the_queue_stalls() -> None:
+    from lmi_operator.health import Health
+    from lmi_operator.kube import Credentials, KubeClient
+    from lmi_operator.reconciler import Reconciler
+
+    health = Health(stall_seconds=5)
+    assert health.check() == (200, {"role": "standby"})
+    reconciler = Reconciler(KubeClient(Credentials(server="https://127.0.0.1:1")), SETTINGS)
+    health.reconciler = reconciler
+    assert health.check() == (200, {"role": "leader", "queued": 0})
+    reconciler.queue._queued.add(("ns", "m"))
+    reconciler.last_progress -= 60
+    status, body = health.check()
+    assert status == 500 and "no reconcile finished for 60s" in str(body["error"])

@@ -105,7 +105,8 @@ build_helm() {
 }
 
 build_kstatus() {
-  have kstatus-check && return 0
+  # Rebuilt when tools/kstatus-check/main.go changed since the cached build.
+  have kstatus-check && cmp -s "$here/kstatus-check/main.go" "$dest/src/kstatus/main.go" && return 0
   log "building kstatus-check (sigs.k8s.io/cli-utils $CLI_UTILS_VERSION)"
   local mod="$dest/src/kstatus"
   mkdir -p "$mod"
@@ -120,7 +121,7 @@ GOMOD
   (cd "$mod" && go mod tidy && go build -trimpath -ldflags "-s -w" -o "$bin/kstatus-check.tmp" .) && mv "$bin/kstatus-check.tmp" "$bin/kstatus-check"
 }
 
-targets=${*:-etcd kwok kubernetes helm}
+targets=${*:-etcd kwok kubernetes helm kstatus}
 for t in $targets; do "build_$t"; done
 log "all tools present in $bin"
 echo "$bin"

@@ -6,7 +6,6 @@ diff-base or progress annotations, no finalizers), which keeps a no-op resync at
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import kopf
@@ -15,7 +14,6 @@ from lmi_operator.api import GROUP, PLURAL, VERSION
 from lmi_operator.kube import Credentials
 from lmi_operator.reconciler import Reconciler
 from lmi_operator.render import MANAGED_BY
-from lmi_operator.settings import OperatorSettings
 
 # The children watched, (group, version, plural) -> kind; "" is the core group.
 CHILDREN: dict[tuple[str, str, str], str] = {
@@ -36,9 +34,7 @@ def _object(event: Any, kind: str | None = None) -> tuple[dict[str, Any], bool]:
     return obj, event.get("type") == "DELETED"
 
 
-def build(
-    reconciler: Reconciler, creds: Credentials, settings: OperatorSettings
-) -> tuple[kopf.OperatorRegistry, kopf.OperatorSettings]:
+def build(reconciler: Reconciler, creds: Credentials) -> tuple[kopf.OperatorRegistry, kopf.OperatorSettings]:
     """A kopf registry with the operator's handlers, and kopf settings that keep it quiet."""
     registry = kopf.OperatorRegistry()
 
@@ -69,14 +65,6 @@ def build(
     @kopf.on.event("", "v1", "pods", registry=registry)
     def pod_event(event: Any, **_: Any) -> None:
         reconciler.observe_pod(*_object(event, "Pod"))
-
-    @kopf.on.probe(id="queue", registry=registry)
-    def queue_probe(**_: Any) -> int:
-        # A queue that holds work but has not finished a reconcile for long is stuck: fail liveness.
-        idle = time.monotonic() - reconciler.last_progress
-        if len(reconciler.queue) and idle > settings.stall_seconds:
-            raise kopf.PermanentError(f"no reconcile finished for {idle:.0f}s with work queued")
-        return len(reconciler.queue)
 
     kopf_settings = kopf.OperatorSettings()
     # Watch only our children, filtered by the API server rather than in this process.

@@ -13,6 +13,7 @@ import kopf
 
 from lmi_operator import metrics
 from lmi_operator.handlers import build
+from lmi_operator.health import Health
 from lmi_operator.kube import KubeClient, load_credentials
 from lmi_operator.lease import LeaderElector, LeaseConfig
 from lmi_operator.reconciler import Reconciler
@@ -43,6 +44,8 @@ async def run_operator(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(RuntimeError, ValueError):  # not the main thread (tests)
             loop.add_signal_handler(sig, stop.set)
+    health = Health(settings.stall_seconds)
+    stop_health = await health.serve(settings.health_port) if settings.health_port else None
     try:
         if settings.leader_election:
             elector = LeaderElector(
@@ -65,11 +68,11 @@ async def run_operator(
             metrics.LEADER.set(1)
 
         reconciler = Reconciler(client, settings)
+        health.reconciler = reconciler
         if on_start is not None:
             on_start(reconciler)
-        registry, kopf_settings = build(reconciler, creds, settings)
+        registry, kopf_settings = build(reconciler, creds)
         kopf_stop: asyncio.Future[None] = loop.create_future()
-        liveness = f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
         tasks = [
             asyncio.create_task(reconciler.run(), name="reconcile-workers"),
             asyncio.create_task(
@@ -79,7 +82,6 @@ async def run_operator(
                     standalone=True,
                     clusterwide=not settings.namespaces,
                     namespaces=settings.namespaces,
-                    liveness_endpoint=liveness,
                     stop_flag=kopf_stop,
                     ready_flag=ready,
                 ),
@@ -105,6 +107,8 @@ async def run_operator(
         return reconciler
     finally:
         metrics.LEADER.set(0)
+        if stop_health is not None:
+            await stop_health()
         if elector is not None and not lost.is_set():
             with contextlib.suppress(Exception):
                 await elector.release()
