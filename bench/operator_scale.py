@@ -241,7 +241,8 @@ def main() -> int:
             memory="2048Gi",
             pods="250",
         )
-        for i in range(math.ceil(args.n / GPUS_PER_NODE) + 1)
+        # One GPU per object: the burst's and the single creates', plus a spare node.
+        for i in range(math.ceil((args.n + args.singles) / GPUS_PER_NODE) + 1)
     ]
     workdir = Path(tempfile.mkdtemp(prefix="lmi-bench-"))
     cluster = LocalCluster(workdir, tools_bin_dir(), nodes=nodes)
