@@ -282,6 +282,8 @@ def main() -> int:
         before = operator_requests(metrics_port)
 
         cpu0, c0 = sampler.cpu_seconds(), time.monotonic()
+        sampler.rss.clear()
+        sampler._stop.clear()
         sampling = threading.Thread(target=sampler.run, daemon=True)
         sampling.start()
         result = asyncio.run(burst(creds, "ours", args.n, ours=True, timeout=args.timeout))

@@ -76,5 +76,7 @@ def build(reconciler: Reconciler, creds: Credentials) -> tuple[kopf.OperatorRegi
     kopf_settings.watching.client_timeout = 330
     kopf_settings.watching.connect_timeout = 10
     kopf_settings.networking.request_timeout = 30
+    # Short retries: after an API server outage, watches resume within seconds of its return.
+    kopf_settings.networking.error_backoffs = (1, 1, 2, 3, 5, 5, 5, 5)
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     return registry, kopf_settings

@@ -24,7 +24,7 @@ class Health:
         """(HTTP status, body) of a liveness probe."""
         if self.reconciler is None:
             return 200, {"role": "standby"}
-        queued = len(self.reconciler.queue)
+        queued = self.reconciler.pending()
         idle = time.monotonic() - self.reconciler.last_progress
         if queued and idle > self.stall_seconds:
             return 500, {

@@ -9,6 +9,7 @@ import base64
 import collections
 import json
 import os
+import re
 import ssl
 import tempfile
 from collections.abc import AsyncIterator, Mapping
@@ -42,6 +43,18 @@ PLURALS: dict[tuple[str, str], str] = {
     ("events.k8s.io/v1", "Event"): "events",
     (API_VERSION, KIND): PLURAL,
 }
+
+
+# Characters YAML (the decoder of apply patches) refuses raw: C1 controls, lone surrogates and
+# non-characters.
+_YAML_UNSAFE = re.compile("[\x7f-\x9f\ud800-\udfff\ufeff\ufffe\uffff]")
+
+
+def encode_body(body: Any) -> bytes:
+    """JSON that the API server's YAML decoder also reads: raw UTF-8 rather than the surrogate-pair
+    escapes json.dumps writes beyond the BMP (emoji), with the characters YAML refuses escaped."""
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    return _YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode()
 
 
 class ApiError(Exception):
@@ -198,7 +211,7 @@ class KubeClient:
         data = None
         if body is not None:
             headers["Content-Type"] = content_type
-            data = json.dumps(body, separators=(",", ":"))
+            data = encode_body(body)
         self.requests[method] += 1
         self.requests_by_path[method, path] += 1
         metrics.API_REQUESTS.labels(method).inc()

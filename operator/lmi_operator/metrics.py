@@ -7,11 +7,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 REGISTRY = CollectorRegistry()
 
 RECONCILES = Counter(
-    "lmi_operator_reconciles", "Reconciles of LMIModels, by result.", ["result"], registry=REGISTRY
+    "lmi_operator_reconciles",
+    "Reconcile steps of LMIModels (children, status), by result.",
+    ["step", "result"],
+    registry=REGISTRY,
 )
 RECONCILE_SECONDS = Histogram(
     "lmi_operator_reconcile_duration_seconds",
-    "Time one reconcile took.",
+    "Time one reconcile step (children, status) took.",
+    ["step"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )

@@ -10,7 +10,7 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from lmi_operator.api import API_VERSION, KIND, InvalidLMIModel, LMIModel, parse
 from lmi_operator.drift import contains
 from lmi_operator.engine_options import check_options
 from lmi_operator.kube import ApiError, KubeClient, object_path
+from lmi_operator.properties import lmi_options
 from lmi_operator.render import (
     MODEL_LABEL,
     desired_replicas,
@@ -56,6 +57,12 @@ def _namespace_going(err: ApiError) -> bool:
     return err.status == 404 or (err.status == 403 and "being terminated" in err.message)
 
 
+def slim(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy without metadata.managedFields, which is large and never read (memory at scale)."""
+    meta = {k: v for k, v in obj.get("metadata", {}).items() if k != "managedFields"}
+    return {**obj, "metadata": meta}
+
+
 def _key_of(obj: Mapping[str, Any]) -> Key:
     meta = obj["metadata"]
     return meta.get("namespace", ""), meta["name"]
@@ -80,6 +87,7 @@ class ModelState:
     children: dict[str, dict[str, Any]] = field(default_factory=dict)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     applied_generation: int | None = None
+    apply_error: str | None = None
 
 
 class Reconciler:
@@ -90,6 +98,7 @@ class Reconciler:
         self.settings = settings
         self.state: dict[Key, ModelState] = {}
         self.queue: WorkQueue[Key] = WorkQueue(self.reconcile, workers=settings.workers)
+        self.status_queue: WorkQueue[Key] = WorkQueue(self.report, workers=max(2, settings.workers // 2))
         self.last_progress = time.monotonic()
         self._free_gpus: tuple[float, dict[str, int]] | None = None
         self._reasons: dict[Key, str] = {}
@@ -110,7 +119,7 @@ class Reconciler:
                 self.state.pop(key, None)
             return
         if st.model is None or _rv(obj) >= _rv(st.model):
-            st.model = obj
+            st.model = slim(obj)
         self.queue.add(key)
 
     def observe_child(self, obj: dict[str, Any], deleted: bool) -> None:
@@ -123,7 +132,7 @@ class Reconciler:
         if deleted:
             st.children.pop(kind, None)
         elif kind not in st.children or _rv(obj) >= _rv(st.children[kind]):
-            st.children[kind] = obj
+            st.children[kind] = slim(obj)
         self.queue.add(key)
 
     def observe_pod(self, obj: dict[str, Any], deleted: bool) -> None:
@@ -136,44 +145,64 @@ class Reconciler:
         if deleted:
             st.pods.pop(name, None)
         else:
-            st.pods[name] = obj
-        self.queue.add(key)
+            # Only the pod's name, labels and status decide anything: keep just those.
+            st.pods[name] = {"metadata": slim(obj)["metadata"], "status": obj.get("status", {})}
+        self.status_queue.add(key)
 
     # -- reconcile ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Process the queue until cancelled."""
-        await self.queue.run()
+        """Process both queues until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.queue.run())
+            group.create_task(self.status_queue.run())
 
-    async def reconcile(self, key: Key) -> None:
-        """Bring one LMIModel's children and status in line with its spec."""
+    def pending(self) -> int:
+        """Keys waiting or in flight in either queue."""
+        return len(self.queue) + len(self.status_queue)
+
+    async def _timed(self, step: str, key: Key, work: Callable[[Key], Awaitable[None]]) -> None:
         started = time.perf_counter()
         try:
-            await self._reconcile(key)
+            await work(key)
         except Exception:
-            metrics.RECONCILES.labels("error").inc()
+            metrics.RECONCILES.labels(step, "error").inc()
             raise
         finally:
             self.last_progress = time.monotonic()
-            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-            metrics.QUEUE_DEPTH.set(len(self.queue))
-        metrics.RECONCILES.labels("ok").inc()
+            metrics.RECONCILE_SECONDS.labels(step).observe(time.perf_counter() - started)
+            metrics.QUEUE_DEPTH.set(self.pending())
+        metrics.RECONCILES.labels(step, "ok").inc()
 
-    async def _reconcile(self, key: Key) -> None:
-        st = self.state.get(key)
-        if st is None or st.model is None or st.model["metadata"].get("deletionTimestamp"):
-            return
-        body = st.model
-        invalid: str | None = None
-        obj: LMIModel | None = None
+    async def reconcile(self, key: Key) -> None:
+        """Bring one LMIModel's children in line with its spec, then queue its status."""
+        await self._timed("children", key, self._reconcile)
+
+    async def report(self, key: Key) -> None:
+        """Write one LMIModel's status from what is observed now."""
+        await self._timed("status", key, self._report)
+
+    def _parse(self, body: Mapping[str, Any]) -> tuple[LMIModel | None, str | None]:
         try:
             obj = parse_lmimodel(body)
-            invalid = check_options(obj.spec.engine.options)
         except InvalidLMIModel as err:
-            invalid = str(err)
+            return None, str(err)
+        return obj, check_options(obj.spec.engine.options)
+
+    def _current(self, key: Key) -> ModelState | None:
+        st = self.state.get(key)
+        if st is None or st.model is None or st.model["metadata"].get("deletionTimestamp"):
+            return None
+        return st
+
+    async def _reconcile(self, key: Key) -> None:
+        st = self._current(key)
+        if st is None or st.model is None:
+            return
+        obj, invalid = self._parse(st.model)
         if obj is None or invalid is not None:
             # Nothing is applied from an invalid spec: what runs keeps running as it was.
-            await self._write_status(key, body, self._observed(key, body, None, invalid=invalid))
+            self.status_queue.add(key)
             return
 
         rendered = render(obj, self.settings)
@@ -184,13 +213,22 @@ class Reconciler:
         ]
         # Independent objects: apply them together (a pod waits for its ConfigMap by itself).
         results = await asyncio.gather(*(self.client.apply(d) for d in stale), return_exceptions=True)
+        st.apply_error = None
         for desired, result in zip(stale, results, strict=True):
             if isinstance(result, ApiError) and _namespace_going(result):
                 return
+            if isinstance(result, ApiError) and result.status in (400, 422):
+                # The API server refuses what the spec renders to: retrying cannot help, say why.
+                st.apply_error = f"the {desired['kind']} rendered from the spec was refused: {result.message}"
+                continue
             if isinstance(result, BaseException):
                 raise result
             metrics.API_WRITES.labels(desired["kind"]).inc()
-            st.children[desired["kind"]] = result
+            # A watch event may have brought a newer copy (say, with the status the controller
+            # wrote) while the apply was in flight: keep the newer one.
+            current = st.children.get(desired["kind"])
+            if current is None or _rv(result) >= _rv(current):
+                st.children[desired["kind"]] = slim(result)
             if desired["kind"] == "Deployment":
                 st.applied_generation = result["metadata"].get("generation")
         wanted = {o["kind"] for o in rendered.objects}
@@ -198,16 +236,28 @@ class Reconciler:
             if kind in st.children and kind not in wanted:
                 await self._delete(api_version, kind, key)
                 st.children.pop(kind, None)
+        # Status has its own queue, so that a burst of new models gets its Deployments first.
+        self.status_queue.add(key)
 
+    async def _report(self, key: Key) -> None:
+        st = self._current(key)
+        if st is None or st.model is None:
+            return
+        body = st.model
+        obj, invalid = self._parse(body)
+        invalid = invalid or st.apply_error
+        if obj is None or invalid is not None:
+            await self._write_status(key, body, self._observed(key, body, None, invalid=invalid))
+            return
         missing = await self._missing_secret(obj)
-        observed = self._observed(key, body, obj, missing_secret=missing, options=rendered.options)
+        observed = self._observed(key, body, obj, missing_secret=missing, options=lmi_options(obj.spec))
         problem = problem_of(observed)
         if problem is not None and problem.reason == INSUFFICIENT_GPU:
             observed = self._with_free_gpus(observed, await self._free_gpus_by_node(observed.gpu_resource))
         await self._write_status(key, body, observed)
         ready = next(c for c in self._status_of(st)["conditions"] if c["type"] == READY)
         if ready["status"] != "True" and (st.pods or missing):
-            self.queue.add_after(key, RECHECK_SECONDS)
+            self.status_queue.add_after(key, RECHECK_SECONDS)
 
     def _status_of(self, st: ModelState) -> dict[str, Any]:
         status: dict[str, Any] = (st.model or {}).get("status") or {}
@@ -271,7 +321,7 @@ class Reconciler:
             raise
         metrics.API_WRITES.labels("LMIModelStatus").inc()
         if st.model is None or _rv(updated) >= _rv(st.model):
-            st.model = updated
+            st.model = slim(updated)
         await self._record_transitions(key, body, previous, status)
 
     def _track(self, key: Key, reason: str | None) -> None:

@@ -231,6 +231,18 @@ def conditions_for(obs: Observed) -> list[dict[str, str]]:
     ]
 
 
+# The status schema caps each engineOptions value at 4096 bytes; a longer value (a big
+# speculative_config) is shown cut, or the whole status write would be refused.
+OPTION_VALUE_BYTES = 4096
+
+
+def _fit(value: str) -> str:
+    raw = value.encode()
+    if len(raw) <= OPTION_VALUE_BYTES:
+        return value
+    return raw[: OPTION_VALUE_BYTES - 16].decode(errors="ignore") + "...(truncated)"
+
+
 def build_status(obs: Observed, previous: Mapping[str, Any] | None) -> dict[str, Any]:
     """The complete status object; lastTransitionTime is kept from `previous` when a condition's
     status did not change, so that an unchanged world yields an identical status (and no write)."""
@@ -249,6 +261,6 @@ def build_status(obs: Observed, previous: Mapping[str, Any] | None) -> dict[str,
         "ready": f"{ready}/{obs.desired_replicas}",
         "selector": obs.selector,
         "endpoint": f"http://{obs.name}.{obs.namespace}.svc.cluster.local:8080",
-        "engineOptions": dict(sorted(obs.engine_options.items())),
+        "engineOptions": {k: _fit(v) for k, v in sorted(obs.engine_options.items())},
         "conditions": conditions,
     }

@@ -22,7 +22,7 @@ class WorkQueue(Generic[K]):
         process: Callable[[K], Awaitable[None]],
         workers: int = 8,
         base_delay: float = 0.5,
-        max_delay: float = 60.0,
+        max_delay: float = 10.0,
     ) -> None:
         self._process = process
         self._workers = workers

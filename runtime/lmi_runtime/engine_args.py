@@ -369,6 +369,33 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+# JSON values nested deeper than this are refused up front: json.loads and vLLM's parsers recurse,
+# and a deeper value would end in a RecursionError (a traceback) instead of a one-line error.
+MAX_JSON_DEPTH = 64
+
+
+def _json_depth(text: str) -> int:
+    """How deeply brackets nest in `text`, outside JSON strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def resolve(
     settings: LmiSettings,
     environ: Mapping[str, str],
@@ -377,6 +404,12 @@ def resolve(
 ) -> ResolvedConfig:
     """Turn LMI settings into vLLM's serve Namespace, failing with one clear line on bad input."""
     schema = schema or load_schema()
+    for setting in settings.options.values():
+        if _json_depth(setting.value) > MAX_JSON_DEPTH:
+            raise RuntimeConfigError(
+                f"{setting.label}: JSON nested deeper than {MAX_JSON_DEPTH} levels "
+                f"({len(setting.value)} characters)"
+            )
     mode = _serving_mode(settings)
     wanted = _collect(settings, schema)
     model = _model(wanted, settings.model_dir)
