@@ -28,7 +28,7 @@ from typing import Any
 from lmi_operator.api import API_VERSION, KIND
 from lmi_operator.kube import Credentials, KubeClient, load_credentials, object_path
 from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster, free_port, tools_bin_dir
-from lmi_operator.testing.nodes import FakeNode
+from lmi_operator.testing.nodes import gpu_deployment, h100_node
 
 GPUS_PER_NODE = 8
 
@@ -42,32 +42,6 @@ def lmimodel(name: str) -> dict[str, Any]:
             "model": {"id": "Qwen/Qwen2.5-0.5B-Instruct"},
             "engine": {"tensorParallelDegree": 1},
             "resources": {"gpus": 1},
-        },
-    }
-
-
-def deployment(name: str) -> dict[str, Any]:
-    labels = {"app": name}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                    "containers": [
-                        {
-                            "name": "model-server",
-                            "image": "ghcr.io/lmi-operator/lmi-runtime:0.1.0",
-                            "resources": {"limits": {"nvidia.com/gpu": "1"}},
-                        }
-                    ],
-                },
-            },
         },
     }
 
@@ -167,7 +141,7 @@ async def burst(creds: Credentials, namespace: str, n: int, ours: bool, timeout:
     exists = asyncio.create_task(watch_until(client, deployments, names, lambda _: True, timeout))
     ready = asyncio.create_task(watch_until(client, ready_path, names, ready_when, timeout))
     await asyncio.sleep(0.2)  # let both watches open before the first create
-    docs = [lmimodel(n) if ours else deployment(n) for n in sorted(names)]
+    docs = [lmimodel(n) if ours else gpu_deployment(n, 1) for n in sorted(names)]
     start = time.monotonic()
     created = await create_all(client, namespace, docs)
     exists_at, ready_at = await exists, await ready
@@ -230,20 +204,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="give up on a phase after this long")
     args = parser.parse_args()
 
-    nodes = [
-        FakeNode(
-            name=f"gpu-{i:03d}",
-            gpus=GPUS_PER_NODE,
-            product="NVIDIA-H100-80GB-HBM3",
-            family="hopper",
-            gpu_memory_mib=81559,
-            cpu="192",
-            memory="2048Gi",
-            pods="250",
-        )
-        # One GPU per object: the burst's and the single creates', plus a spare node.
-        for i in range(math.ceil((args.n + args.singles) / GPUS_PER_NODE) + 1)
-    ]
+    # One GPU per object: the burst's and the single creates', plus a spare node.
+    count = math.ceil((args.n + args.singles) / GPUS_PER_NODE) + 1
+    nodes = [h100_node(f"gpu-{i:03d}", pods="250") for i in range(count)]
     workdir = Path(tempfile.mkdtemp(prefix="lmi-bench-"))
     cluster = LocalCluster(workdir, tools_bin_dir(), nodes=nodes)
     t0 = time.monotonic()

@@ -443,19 +443,11 @@ INVOCATIONS = "/invocations"
 
 def vllm_env(cache: Path) -> dict[str, str]:
     """vLLM on CPU, offline, with every cache and temporary file in the bench's folder."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OPTION_", "HF_MODEL"))}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_CACHE_ROOT=str(cache / "vllm"),
-        TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
-        HF_HOME=str(cache / "hf"),
-        TRITON_CACHE_DIR=str(cache / "triton"),
-        XDG_CACHE_HOME=str(cache / "xdg"),
-        TMPDIR=str(cache),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(RUNTIME_SRC), os.environ.get("PYTHONPATH")])),
-    )
-    return env
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from tests.runtime.tiny_model import vllm_cpu_env
+
+    return vllm_cpu_env(cache, RUNTIME_SRC)
 
 
 def build_tiny_model(target: Path) -> None:

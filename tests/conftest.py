@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster, tools_bin_dir
-from lmi_operator.testing.nodes import DEFAULT_NODES
+from lmi_operator.testing.nodes import DEFAULT_NODES, h100_node
 from lmi_operator.testing.operator import OperatorThread
 
 KWOK_STAGES = sorted((REPO_ROOT / "tools" / "kwok").glob("*.yaml"))
 # The default nodes plus a pool of H100 nodes, so that the models the whole session leaves running
 # (every example, each test's) never starve a later test of GPUs. Still 8 GPUs at most per node.
-TEST_POOL = tuple(replace(DEFAULT_NODES[0], name=f"gpu-pool-{i}") for i in range(12))
+TEST_POOL = tuple(h100_node(f"gpu-pool-{i}") for i in range(12))
 TEST_NODES = (*DEFAULT_NODES, *TEST_POOL)
 
 

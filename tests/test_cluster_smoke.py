@@ -9,35 +9,10 @@ from typing import Any
 import pytest
 
 from lmi_operator.testing.cluster import LocalCluster
+from lmi_operator.testing.nodes import gpu_deployment
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.cluster
-
-
-def gpu_deployment(name: str, gpus: int) -> dict[str, Any]:
-    labels = {"app": name}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": "example.invalid/gpu:1",
-                            "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
-                        }
-                    ],
-                },
-            },
-        },
-    }
 
 
 def pods(cluster: LocalCluster, namespace: str, selector: str) -> list[dict[str, Any]]:

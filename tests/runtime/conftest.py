@@ -6,7 +6,6 @@ runs at a time (pytest finishes a module, and its fixtures, before the next).
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.runtime.tiny_model import build_adapter, build_model
+from tests.runtime.tiny_model import build_adapter, build_model, vllm_cpu_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_SRC = REPO_ROOT / "runtime"
@@ -52,21 +51,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 @pytest.fixture(scope="session")
 def vllm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment for vLLM on CPU with every cache and temporary file in a test-owned folder."""
-    cache = tmp_path_factory.mktemp("vllm-cache")
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("OPTION_", "HF_MODEL"))}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_CACHE_ROOT=str(cache / "vllm"),
-        TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
-        HF_HOME=str(cache / "hf"),
-        TRITON_CACHE_DIR=str(cache / "triton"),
-        XDG_CACHE_HOME=str(cache / "xdg"),
-        TMPDIR=str(cache),
-        # djl_python sits next to lmi_runtime; an editable install made before it existed lacks it.
-        PYTHONPATH=os.pathsep.join(filter(None, [str(RUNTIME_SRC), os.environ.get("PYTHONPATH")])),
-    )
-    return env
+    return vllm_cpu_env(tmp_path_factory.mktemp("vllm-cache"), RUNTIME_SRC)
 
 
 def free_port() -> int:

@@ -5,6 +5,7 @@ vLLM's CPU backend needs head_dim >= 32 (hidden 128 / 4 heads). Built once per t
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -108,3 +109,22 @@ def build_adapter(model_dir: Path, target: Path, seed: int = 1) -> None:
     config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(str(target))
+
+
+def vllm_cpu_env(cache: Path, runtime_src: Path) -> dict[str, str]:
+    """Environment for vLLM on CPU, offline, with every cache and temporary file under `cache`
+    (shared by the runtime tests and bench/runtime_overhead.py)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OPTION_", "HF_MODEL"))}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_CACHE_ROOT=str(cache / "vllm"),
+        TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
+        HF_HOME=str(cache / "hf"),
+        TRITON_CACHE_DIR=str(cache / "triton"),
+        XDG_CACHE_HOME=str(cache / "xdg"),
+        TMPDIR=str(cache),
+        # djl_python sits next to lmi_runtime; an editable install made before it existed lacks it.
+        PYTHONPATH=os.pathsep.join(filter(None, [str(runtime_src), os.environ.get("PYTHONPATH")])),
+    )
+    return env

@@ -68,27 +68,24 @@ class FakeNode:
         }
 
 
+def h100_node(name: str, pods: str = "110") -> FakeNode:
+    """A p5.48xlarge-like node: 8 H100 80GB GPUs."""
+    return FakeNode(
+        name=name,
+        gpus=8,
+        product="NVIDIA-H100-80GB-HBM3",
+        gpu_memory_mib=81559,
+        family="hopper",
+        instance_type="p5.48xlarge",
+        cpu="192",
+        memory="2048Gi",
+        pods=pods,
+    )
+
+
 DEFAULT_NODES: tuple[FakeNode, ...] = (
-    FakeNode(
-        name="gpu-h100-0",
-        gpus=8,
-        product="NVIDIA-H100-80GB-HBM3",
-        gpu_memory_mib=81559,
-        family="hopper",
-        instance_type="p5.48xlarge",
-        cpu="192",
-        memory="2048Gi",
-    ),
-    FakeNode(
-        name="gpu-h100-1",
-        gpus=8,
-        product="NVIDIA-H100-80GB-HBM3",
-        gpu_memory_mib=81559,
-        family="hopper",
-        instance_type="p5.48xlarge",
-        cpu="192",
-        memory="2048Gi",
-    ),
+    h100_node("gpu-h100-0"),
+    h100_node("gpu-h100-1"),
     FakeNode(
         name="gpu-a10g-0",
         gpus=4,
@@ -102,3 +99,31 @@ DEFAULT_NODES: tuple[FakeNode, ...] = (
     # Where the operator's own pod (Helm tests) and other CPU workloads are scheduled.
     FakeNode(name="cpu-0", instance_type="m7i.4xlarge", cpu="16", memory="64Gi"),
 )
+
+
+def gpu_deployment(name: str, gpus: int) -> dict[str, Any]:
+    """A plain Deployment of one pod asking for `gpus` GPUs (and tolerating the GPU taint): what
+    kube-controller-manager and the scheduler handle without any operator."""
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "tolerations": [{"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+                    "containers": [
+                        {
+                            "name": "model-server",
+                            "image": "ghcr.io/lmi-operator/lmi-runtime:0.1.0",
+                            "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                        }
+                    ],
+                },
+            },
+        },
+    }
