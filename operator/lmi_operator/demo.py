@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from lmi_operator.testing.cluster import REPO_ROOT, ClusterError, LocalCluster, tools_bin_dir
+from lmi_operator.testing.cluster import REPO_ROOT, ClusterError, LocalCluster, free_port, tools_bin_dir
 
 NAMESPACE = "lmi-demo"
 EXAMPLES = ("llama-3-8b.yaml", "mistral-7b.yaml", "gpt-neox-20b.yaml", "lora.yaml", "autoscaling.yaml")
@@ -34,13 +33,6 @@ TOO_BIG = {
     },
 }
 SETTLED = {"Available", "InsufficientGPU", "InvalidSpec", "CrashLoop", "ImagePullFailed", "OOMKilled"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _models(cluster: LocalCluster) -> list[dict[str, Any]]:
@@ -123,8 +115,8 @@ def main() -> int:
         env = os.environ | {
             "KUBECONFIG": str(cluster.kubeconfig),
             "LMI_OPERATOR_LEASE_NAMESPACE": "default",
-            "LMI_OPERATOR_METRICS_PORT": str(_free_port()),
-            "LMI_OPERATOR_HEALTH_PORT": str(_free_port()),
+            "LMI_OPERATOR_METRICS_PORT": str(free_port()),
+            "LMI_OPERATOR_HEALTH_PORT": str(free_port()),
         }
         log = (workdir / "operator.log").open("wb")
         operator = subprocess.Popen(
