@@ -29,7 +29,10 @@ typecheck: setup ## strict mypy over both packages
 	$(VENV)/bin/mypy
 
 test: setup tools lint typecheck ## everything: lint, types, and all tests on the real control plane and vLLM
-	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -ra -m "not slow" $(PYTEST_ARGS)
+	@# The fault tests (SIGKILL, control-plane restarts, two replicas) time recoveries: they run
+	@# after the rest, on their own cluster, once the main session's cluster and operator are gone.
+	$(VENV)/bin/pytest -ra -m slow $(PYTEST_ARGS)
 
 demo: setup tools ## the main job on the local control plane with fake GPU nodes
 	$(PY) -m lmi_operator.demo

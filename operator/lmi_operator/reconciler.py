@@ -206,6 +206,20 @@ class Reconciler:
             return
 
         rendered = render(obj, self.settings)
+        if st.model.get("status"):
+            # Reconciled before (another replica, or before a restart) but a child is not in the
+            # cache yet, as when the model's event beats the children's initial list: read it
+            # rather than re-apply it.
+            missing = [d for d in rendered.objects if d["kind"] not in st.children]
+            found = await asyncio.gather(
+                *(
+                    self.client.get(object_path(d["apiVersion"], d["kind"], key[0], d["metadata"]["name"]))
+                    for d in missing
+                )
+            )
+            for desired, live in zip(missing, found, strict=True):
+                if live is not None and desired["kind"] not in st.children:
+                    st.children[desired["kind"]] = slim(live)
         stale = [
             d
             for d in rendered.objects
