@@ -130,6 +130,18 @@ def write_properties(model_dir: Path, lines: Mapping[str, str]) -> None:
     (model_dir / "serving.properties").write_text(text, encoding="utf-8")
 
 
+def async_mode_properties(model_id: Path, **options: str) -> dict[str, str]:
+    """The guide's async-mode serving.properties for `model_id`, with the test options and `options`."""
+    return {
+        "engine": "Python",
+        "option.async_mode": "true",
+        "option.rolling_batch": "disable",
+        "option.entryPoint": "djl_python.lmi_vllm.vllm_async_service",
+        "option.model_id": str(model_id),
+        **{f"option.{key}": value for key, value in {**TEST_OPTIONS, **options}.items()},
+    }
+
+
 SEED_STYLE_HANDLER = '''
 from djl_python import Input, Output
 from djl_python.encode_decode import decode
@@ -171,17 +183,9 @@ def async_server(
     model_dir = tmp_path_factory.mktemp("async-model-dir")
     write_properties(
         model_dir,
-        {
-            "engine": "Python",
-            "option.async_mode": "true",
-            "option.rolling_batch": "disable",
-            "option.entryPoint": "djl_python.lmi_vllm.vllm_async_service",
-            "option.tensor_parallel_degree": "max",
-            "option.model_id": str(tiny_model.path),
-            "option.enable_lora": "true",
-            "option.max_lora_rank": "8",
-            **{f"option.{key}": value for key, value in TEST_OPTIONS.items()},
-        },
+        async_mode_properties(
+            tiny_model.path, tensor_parallel_degree="max", enable_lora="true", max_lora_rank="8"
+        ),
     )
     shutil.copytree(tiny_model.adapters["a1"], model_dir / "adapters" / "a1")
     (model_dir / "model.py").write_text(SEED_STYLE_HANDLER, encoding="utf-8")
