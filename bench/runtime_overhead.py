@@ -371,6 +371,51 @@ def throughput(url: str, endpoints: Sequence[Endpoint], args: argparse.Namespace
     return rates
 
 
+RESERVED = re.compile(r"reserved_cpus=\[(?P<ids>[\d, ]*)\]")
+
+
+def reserved_cpus(log: Path) -> set[int]:
+    """The CPUs vLLM's CPU worker left to the API process ("reserved_cpus=[1]" in its log)."""
+    found = RESERVED.search(log.read_text(errors="replace"))
+    return {int(cpu) for cpu in found["ids"].split(",") if cpu.strip()} if found else set()
+
+
+@contextlib.contextmanager
+def pinned_to(cpus: set[int]) -> Iterator[None]:
+    """Run the load generator on `cpus` only, then restore its affinity.
+
+    vLLM binds the engine's OpenMP threads to the other cores, where they spin; a client scheduled
+    there steals the engine's time at random. Both servers get the same treatment; the client shares
+    the core of the API process and the EngineCore (see pin_front_end).
+    """
+    before = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def pin_front_end(server: Server, cpus: set[int]) -> None:
+    """Pin every thread of the server's processes but the Worker's to `cpus`.
+
+    vLLM binds only the Worker's OpenMP threads (to the other cores); the API process and the
+    EngineCore (which polls) float, and wherever the scheduler puts them beside the spinning Worker
+    decides a run's throughput: the same server measured 250 or 340 tok/s, start to start, at K=1.
+    """
+    if not cpus:
+        return
+    for info in process_tree(server.process.pid):
+        try:
+            if Path(f"/proc/{info.pid}/comm").read_text().startswith("VLLM::Worker"):
+                continue
+            for task in os.scandir(f"/proc/{info.pid}/task"):
+                os.sched_setaffinity(int(task.name), cpus)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+
+
 # --------------------------------------------------------------------------------------------------
 # start-up phases, from the server's log (vLLM stamps its lines to the second)
 
@@ -503,18 +548,44 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def server_command(kind: str, port: int, context: dict[str, Any]) -> list[str]:
+    """The command line of raw vLLM's server or of ours, on `port`."""
+    if kind == RAW:
+        return [
+            sys.executable,
+            "-m",
+            RAW_MODULE,
+            *context["raw_flags"],
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+    serve = [*lmi_runtime_command(), "serve", "--model-dir", str(context["lmi_dir"])]
+    return [*serve, "--host", "127.0.0.1", "--port", str(port)]
+
+
+def warm_up(args: argparse.Namespace, context: dict[str, Any]) -> None:
+    """Start and stop each server once, unmeasured: the first start after a while reads torch and
+    vLLM from disk, and would count against whichever server happens to go first."""
+    for kind in (RAW, OURS):
+        port = free_port()
+        log = context["work"] / f"warm-up-{kind}.log"
+        server = start_server(kind, server_command(kind, port, context), context["env"], log, port)
+        try:
+            ready_s = wait_ready(server, time.monotonic(), args.start_timeout)
+        finally:
+            stop_server(server)
+        print(f"  warm-up: {kind:4s} ready {ready_s:5.1f} s (not counted)", flush=True)
+
+
 def one_run(kind: str, pair: int, args: argparse.Namespace, context: dict[str, Any]) -> RunResult:
     """Start one server, measure it, stop it."""
     port = free_port()
     run_index = context["counter"]
     context["counter"] += 1
     log = context["work"] / f"{run_index:02d}-{kind}.log"
-    if kind == RAW:
-        command = [sys.executable, "-m", RAW_MODULE, *context["raw_flags"], "--host", "127.0.0.1"]
-        command += ["--port", str(port)]
-    else:
-        command = [*lmi_runtime_command(), "serve", "--model-dir", str(context["lmi_dir"])]
-        command += ["--host", "127.0.0.1", "--port", str(port)]
+    command = server_command(kind, port, context)
     load_before = load_average()
     started, started_wall = time.monotonic(), time.time()
     server = start_server(kind, command, context["env"], log, port)
@@ -534,7 +605,10 @@ def one_run(kind: str, pair: int, args: argparse.Namespace, context: dict[str, A
         endpoints = [completions] if kind == RAW else [completions, invocations]
         if pair % 2 == 1:
             endpoints.reverse()  # alternate the order of ours' two loads across pairs
-        rounds = throughput(server.url, endpoints, args)
+        cpus = reserved_cpus(log)
+        pin_front_end(server, cpus)
+        with pinned_to(cpus):
+            rounds = throughput(server.url, endpoints, args)
         server.sampler.sample()
         phases = startup_phases(log, started_wall)
     except BaseException:
@@ -665,6 +739,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=0, help="requests per round (default 4*K)")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds per endpoint (default 3)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    parser.add_argument(
+        "--no-warm-up", dest="warm_up", action="store_false", help="skip the unmeasured first start of each"
+    )
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds to wait for ready")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the model, caches and logs here")
     parser.add_argument("--json", type=Path, default=None, help="also write every run's numbers here")
@@ -709,6 +786,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "raw_flags": flags,
             "model_name": (engine_args.get("served_model_name") or [str(model_dir)])[0],
         }
+        if args.warm_up:
+            warm_up(args, context)
         pairs: list[tuple[RunResult, RunResult]] = []
         for pair in range(args.runs):
             # ours first in even pairs, raw first in odd ones: drift in the machine's load cancels out.

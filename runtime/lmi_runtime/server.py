@@ -344,7 +344,8 @@ class AdapterRouting:
             payload = json.loads(body)
         except ValueError:
             payload = None
-        if isinstance(payload, dict):
+        # Re-encoded only when it names an adapter: most requests pass through byte for byte.
+        if isinstance(payload, dict) and (ADAPTER_HEADER in headers or "adapters" in payload):
             adapter = headers.get(ADAPTER_HEADER) or payload.pop("adapters", None)
             if adapter:
                 try:
