@@ -52,8 +52,11 @@ def _rv(obj: Mapping[str, Any]) -> int:
         return 0
 
 
-def _namespace_going(err: ApiError) -> bool:
-    # The namespace is being deleted with the model in it: nothing to create, nothing to retry.
+def namespace_going(err: ApiError) -> bool:
+    """Whether the API refused because the namespace is gone or being deleted (not for want of RBAC).
+
+    The model goes with its namespace: nothing to create, nothing to retry.
+    """
     return err.status == 404 or (err.status == 403 and "being terminated" in err.message)
 
 
@@ -229,7 +232,7 @@ class Reconciler:
         results = await asyncio.gather(*(self.client.apply(d) for d in stale), return_exceptions=True)
         st.apply_error = None
         for desired, result in zip(stale, results, strict=True):
-            if isinstance(result, ApiError) and _namespace_going(result):
+            if isinstance(result, ApiError) and namespace_going(result):
                 return
             if isinstance(result, ApiError) and result.status in (400, 422):
                 # The API server refuses what the spec renders to: retrying cannot help, say why.
