@@ -279,14 +279,23 @@ def test_control_plane_crash_neither_kills_nor_spins_the_operator(
     )
 
     # The operator's part: the new generation observed, the Deployment scaled, the Service back.
+    seen: dict[str, object] = {}
+
     def caught_up() -> bool:
         w0 = get_json(fault_cluster, "lmimodel", "w0", "-n", fault_ns)
         dep = get_json(fault_cluster, "deployment", "w0", "-n", fault_ns)
-        svc = fault_cluster.kubectl("get", "service", "w1", "-n", fault_ns, check=False).returncode == 0
-        current = w0.get("status", {}).get("observedGeneration") == w0["metadata"]["generation"]
-        return current and dep["spec"]["replicas"] == 2 and svc
+        observed = w0.get("status", {}).get("observedGeneration")
+        seen["generation observed"] = observed == w0["metadata"]["generation"]
+        seen["deployment replicas"] = dep["spec"]["replicas"]
+        seen["service back"] = (
+            fault_cluster.kubectl("get", "service", "w1", "-n", fault_ns, check=False).returncode == 0
+        )
+        return bool(seen["generation observed"] and seen["deployment replicas"] == 2 and seen["service back"])
 
-    eventually(caught_up, timeout=30, interval=0.25, what=f"status caught up after the {component} restart")
+    try:
+        eventually(caught_up, timeout=30, interval=0.25, what=f"caught up after the {component} restart")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; last seen {seen}; operator log:\n{op.log()[-4000:]}") from None
     catch_up = time.monotonic() - up
 
     # Then the whole system (controller-manager, scheduler and kwok resume their own watches with

@@ -60,6 +60,14 @@ def namespace_going(err: ApiError) -> bool:
     return err.status == 404 or (err.status == 403 and "being terminated" in err.message)
 
 
+def _created_before(obj: Mapping[str, Any], moment: float) -> bool:
+    stamp = obj.get("metadata", {}).get("creationTimestamp")
+    if not stamp:
+        return False
+    # RFC 3339 to the second: a model created in this replica's first second counts as older.
+    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() <= moment
+
+
 def slim(obj: Mapping[str, Any]) -> dict[str, Any]:
     """A copy without metadata.managedFields, which is large and never read (memory at scale)."""
     meta = {k: v for k, v in obj.get("metadata", {}).items() if k != "managedFields"}
@@ -103,6 +111,8 @@ class Reconciler:
         self.queue: WorkQueue[Key] = WorkQueue(self.reconcile, workers=settings.workers)
         self.status_queue: WorkQueue[Key] = WorkQueue(self.report, workers=max(2, settings.workers // 2))
         self.last_progress = time.monotonic()
+        # Built when this replica starts acting (after the Lease, before the watches).
+        self.started_at = time.time()
         self._free_gpus: tuple[float, dict[str, int]] | None = None
         self._reasons: dict[Key, str] = {}
 
@@ -209,10 +219,10 @@ class Reconciler:
             return
 
         rendered = render(obj, self.settings)
-        if st.model.get("status"):
-            # Reconciled before (another replica, or before a restart) but a child is not in the
-            # cache yet, as when the model's event beats the children's initial list: read it
-            # rather than re-apply it.
+        if st.model.get("status") or _created_before(st.model, self.started_at):
+            # Perhaps reconciled before (by another replica, or before a restart: its children may
+            # exist though its status was not written yet) while a child is not in the cache yet, as
+            # when the model's event beats the children's initial list: read it rather than re-apply it.
             missing = [d for d in rendered.objects if d["kind"] not in st.children]
             found = await asyncio.gather(
                 *(
