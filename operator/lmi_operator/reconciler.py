@@ -219,11 +219,11 @@ class Reconciler:
             return
 
         rendered = render(obj, self.settings)
-        if st.model.get("status") or _created_before(st.model, self.started_at):
+        missing = [d for d in rendered.objects if d["kind"] not in st.children]
+        if missing and (st.model.get("status") or _created_before(st.model, self.started_at)):
             # Perhaps reconciled before (by another replica, or before a restart: its children may
             # exist though its status was not written yet) while a child is not in the cache yet, as
             # when the model's event beats the children's initial list: read it rather than re-apply it.
-            missing = [d for d in rendered.objects if d["kind"] not in st.children]
             found = await asyncio.gather(
                 *(
                     self.client.get(object_path(d["apiVersion"], d["kind"], key[0], d["metadata"]["name"]))

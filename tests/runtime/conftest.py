@@ -6,6 +6,7 @@ runs at a time (pytest finishes a module, and its fixtures, before the next).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
@@ -123,6 +124,16 @@ def start_server(model_dir: Path, env: Mapping[str, str], log: Path) -> RuntimeS
     raise AssertionError(f"server not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
 
 
+@contextlib.contextmanager
+def serving(model_dir: Path, env: Mapping[str, str], log: Path) -> Iterator[RuntimeServer]:
+    """A started server for `model_dir`, stopped on exit (what each server fixture yields)."""
+    server = start_server(model_dir, env, log)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def write_properties(model_dir: Path, lines: Mapping[str, str]) -> None:
     """Write serving.properties (keys as given, e.g. "engine" or "option.model_id")."""
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -189,11 +200,8 @@ def async_server(
     )
     shutil.copytree(tiny_model.adapters["a1"], model_dir / "adapters" / "a1")
     (model_dir / "model.py").write_text(SEED_STYLE_HANDLER, encoding="utf-8")
-    server = start_server(model_dir, vllm_env, model_dir.parent / "async-server.log")
-    try:
+    with serving(model_dir, vllm_env, model_dir.parent / "async-server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +218,5 @@ def rolling_server(
         OPTION_MAX_ROLLING_BATCH_SIZE="64",
         **{f"OPTION_{key.upper()}": value for key, value in TEST_OPTIONS.items()},
     )
-    server = start_server(model_dir, env, model_dir.parent / "rolling-server.log")
-    try:
+    with serving(model_dir, env, model_dir.parent / "rolling-server.log") as server:
         yield server
-    finally:
-        server.stop()

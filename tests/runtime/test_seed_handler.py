@@ -16,7 +16,7 @@ from tests.runtime.conftest import (
     RuntimeServer,
     TinyModel,
     async_mode_properties,
-    start_server,
+    serving,
     write_properties,
 )
 
@@ -71,11 +71,8 @@ def guide_server(
     model_dir = tmp_path_factory.mktemp("guide-handler-model-dir")
     write_properties(model_dir, async_mode_properties(tiny_model.path))
     (model_dir / "model.py").write_text(GUIDE_HANDLER, encoding="utf-8")
-    server = start_server(model_dir, vllm_env, model_dir.parent / "guide-server.log")
-    try:
+    with serving(model_dir, vllm_env, model_dir.parent / "guide-server.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_guide_handler_runs_unchanged_with_its_own_engine(guide_server: RuntimeServer) -> None:
