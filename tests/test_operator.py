@@ -3,6 +3,7 @@ rollouts, drift, cascading deletes, invalid specs and the pod failures a kubelet
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -13,6 +14,8 @@ import yaml
 
 from lmi_operator.api import parse_lmimodel
 from lmi_operator.drift import contains
+from lmi_operator.kube import KubeClient, load_credentials
+from lmi_operator.reconciler import Reconciler
 from lmi_operator.render import render
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster
@@ -344,3 +347,38 @@ def test_render_is_deterministic_for_every_example() -> None:
     settings = OperatorSettings()
     for path in sorted(Path(EXAMPLES).glob("*.yaml")):
         assert render_yaml(str(path), settings=settings) == render_yaml(str(path), settings=settings)
+
+
+def test_a_new_replica_reading_pods_before_the_deployment_rewrites_no_status(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    """After a restart the pods' initial list can come before the Deployments': the status of a model
+    that is Available must not be rewritten from that partial view (then back again)."""
+    apply(cluster, namespace, model_doc("steady", replicas=1))
+    wait_ready(cluster, namespace, "steady")
+    time.sleep(2)
+    model = get(cluster, namespace, "lmimodel", "steady")
+    assert model is not None
+    pods = json.loads(
+        cluster.kubectl(
+            "get", "pods", "-n", namespace, "-l", "serving.lmi.dev/model=steady", "-o", "json"
+        ).stdout
+    )["items"]
+    assert pods
+
+    async def restarted_replica_reports() -> None:
+        client = KubeClient(load_credentials(str(cluster.kubeconfig)))
+        try:
+            fresh = Reconciler(client, OperatorSettings())
+            for pod in pods:
+                fresh.observe_pod(pod, deleted=False)
+            fresh.observe_model(model, deleted=False)
+            await fresh.report((namespace, "steady"))
+            assert "Deployment" in fresh.state[namespace, "steady"].children
+        finally:
+            await client.close()
+
+    asyncio.run(restarted_replica_reports())
+    after = get(cluster, namespace, "lmimodel", "steady")
+    assert after is not None
+    assert after["metadata"]["resourceVersion"] == model["metadata"]["resourceVersion"], after["status"]

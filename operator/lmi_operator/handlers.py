@@ -1,7 +1,10 @@
 """kopf glue: watch LMIModels and their children, and hand every event to the Reconciler.
 
 Only low-level handlers (on.event) that return None: kopf then writes nothing on the objects (no
-diff-base or progress annotations, no finalizers), which keeps a no-op resync at zero writes."""
+diff-base or progress annotations, no finalizers), which keeps a no-op resync at zero writes. The
+handlers are coroutines so that kopf calls them on its event loop, where the Reconciler's queues live
+(kopf runs plain functions in a thread pool, one hop per event, and asyncio queues are not
+thread-safe)."""
 
 from __future__ import annotations
 
@@ -52,18 +55,18 @@ def build(reconciler: Reconciler, creds: Credentials) -> tuple[kopf.OperatorRegi
         )
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def model_event(event: Any, **_: Any) -> None:
+    async def model_event(event: Any, **_: Any) -> None:
         reconciler.observe_model(*_object(event))
 
     for (group, version, plural), kind in CHILDREN.items():
 
-        def child_event(event: Any, _kind: str = kind, **_: Any) -> None:
+        async def child_event(event: Any, _kind: str = kind, **_: Any) -> None:
             reconciler.observe_child(*_object(event, _kind))
 
         kopf.on.event(group, version, plural, registry=registry, id=f"{plural}-event")(child_event)
 
     @kopf.on.event("", "v1", "pods", registry=registry)
-    def pod_event(event: Any, **_: Any) -> None:
+    async def pod_event(event: Any, **_: Any) -> None:
         reconciler.observe_pod(*_object(event, "Pod"))
 
     kopf_settings = kopf.OperatorSettings()

@@ -219,20 +219,9 @@ class Reconciler:
             return
 
         rendered = render(obj, self.settings)
-        missing = [d for d in rendered.objects if d["kind"] not in st.children]
-        if missing and (st.model.get("status") or _created_before(st.model, self.started_at)):
-            # Perhaps reconciled before (by another replica, or before a restart: its children may
-            # exist though its status was not written yet) while a child is not in the cache yet, as
-            # when the model's event beats the children's initial list: read it rather than re-apply it.
-            found = await asyncio.gather(
-                *(
-                    self.client.get(object_path(d["apiVersion"], d["kind"], key[0], d["metadata"]["name"]))
-                    for d in missing
-                )
-            )
-            for desired, live in zip(missing, found, strict=True):
-                if live is not None and desired["kind"] not in st.children:
-                    st.children[desired["kind"]] = slim(live)
+        await self._read_missing(
+            key, st, [(d["apiVersion"], d["kind"], d["metadata"]["name"]) for d in rendered.objects]
+        )
         stale = [
             d
             for d in rendered.objects
@@ -266,6 +255,21 @@ class Reconciler:
         # Status has its own queue, so that a burst of new models gets its Deployments first.
         self.status_queue.add(key)
 
+    async def _read_missing(self, key: Key, st: ModelState, wanted: list[tuple[str, str, str]]) -> None:
+        """Read the children in `wanted` (apiVersion, kind, name) that are not in the cache, when they
+        may exist: the model was reconciled before (by another replica, or before a restart; its
+        children may exist though its status was not written yet) and a child's event may not have come
+        yet, as when the model's or its pods' events beat the children's initial list."""
+        missing = [w for w in wanted if w[1] not in st.children]
+        if not missing or st.model is None:
+            return
+        if not (st.model.get("status") or _created_before(st.model, self.started_at)):
+            return
+        found = await asyncio.gather(*(self.client.get(object_path(a, k, key[0], n)) for a, k, n in missing))
+        for (_, kind, _), live in zip(missing, found, strict=True):
+            if live is not None and kind not in st.children:
+                st.children[kind] = slim(live)
+
     async def _report(self, key: Key) -> None:
         st = self._current(key)
         if st is None or st.model is None:
@@ -276,6 +280,8 @@ class Reconciler:
         if obj is None or invalid is not None:
             await self._write_status(key, body, self._observed(key, body, None, invalid=invalid))
             return
+        # Status read from a partial cache would be rewritten for nothing (then back): see the Deployment.
+        await self._read_missing(key, st, [("apps/v1", "Deployment", key[1])])
         missing = await self._missing_secret(obj)
         observed = self._observed(key, body, obj, missing_secret=missing, options=lmi_options(obj.spec))
         problem = problem_of(observed)
