@@ -8,7 +8,9 @@ thread-safe)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -27,6 +29,20 @@ CHILDREN: dict[tuple[str, str, str], str] = {
     ("autoscaling", "v2", "horizontalpodautoscalers"): "HorizontalPodAutoscaler",
 }
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+
+
+class RetryForever:
+    """kopf's request backoffs: 1, 1, 2, 3 s, then every 5 s without end.
+
+    kopf gives up on a request after its last backoff and the watcher of that resource ends for good
+    while the process lives on (nolar/kopf#1276): after an API outage longer than the backoffs, the
+    children's changes were no longer seen. Retrying like client-go's reflectors do, with short
+    steps, also resumes the watches within seconds of the API's return. Re-iterable and unsized, so
+    that every request starts its own sequence and kopf sets no attempt limit.
+    """
+
+    def __iter__(self) -> Iterator[float]:
+        return itertools.chain((1.0, 1.0, 2.0, 3.0), itertools.repeat(5.0))
 
 
 def _object(event: Any, kind: str | None = None) -> tuple[dict[str, Any], bool]:
@@ -79,7 +95,6 @@ def build(reconciler: Reconciler, creds: Credentials) -> tuple[kopf.OperatorRegi
     kopf_settings.watching.client_timeout = 330
     kopf_settings.watching.connect_timeout = 10
     kopf_settings.networking.request_timeout = 30
-    # Short retries: after an API server outage, watches resume within seconds of its return.
-    kopf_settings.networking.error_backoffs = (1, 1, 2, 3, 5, 5, 5, 5)
+    kopf_settings.networking.error_backoffs = RetryForever()
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     return registry, kopf_settings
