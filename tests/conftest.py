@@ -13,7 +13,6 @@ from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster, tools_bin_dir
 from lmi_operator.testing.nodes import DEFAULT_NODES, h100_node
 from lmi_operator.testing.operator import OperatorThread
 
-KWOK_STAGES = sorted((REPO_ROOT / "tools" / "kwok").glob("*.yaml"))
 # The default nodes plus a pool of H100 nodes, so that the models the whole session leaves running
 # (every example, each test's) never starve a later test of GPUs. Still 8 GPUs at most per node.
 TEST_POOL = tuple(h100_node(f"gpu-pool-{i}") for i in range(12))
@@ -23,9 +22,7 @@ TEST_NODES = (*DEFAULT_NODES, *TEST_POOL)
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """The local control plane, started once per test session and stopped at its end."""
-    local = LocalCluster(
-        tmp_path_factory.mktemp("cluster"), tools_bin_dir(), nodes=TEST_NODES, extra_stages=KWOK_STAGES
-    )
+    local = LocalCluster(tmp_path_factory.mktemp("cluster"), tools_bin_dir(), nodes=TEST_NODES)
     local.start()
     try:
         yield local

@@ -50,6 +50,26 @@ def test_one_gpu_deployment_gets_a_ready_pod_on_a_gpu_node(cluster: LocalCluster
     cluster.kubectl("wait", "-n", namespace, "--for=condition=Available", "deployment/one", "--timeout=30s")
 
 
+def test_a_pod_marked_unready_by_the_node_controller_is_reported_ready_again(
+    cluster: LocalCluster, namespace: str
+) -> None:
+    # What the node lifecycle controller writes when a node misses its heartbeats (after an API
+    # outage kwok's heartbeats lag); a kubelet's next status sync reports the pod Ready again.
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(gpu_deployment("again", 1)))
+
+    def ready() -> str | None:
+        for pod in pods(cluster, namespace, "app=again"):
+            conditions = pod["status"].get("conditions", [])
+            if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                return str(pod["metadata"]["name"])
+        return None
+
+    name = eventually(ready, timeout=60, what="a Ready pod")
+    unready = {"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "NodeNotReady"}]}}
+    cluster.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status", "-p", json.dumps(unready))
+    assert eventually(ready, timeout=30, what="the pod Ready again") == name
+
+
 def test_nine_gpus_stay_pending_with_the_schedulers_reason(cluster: LocalCluster, namespace: str) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(gpu_deployment("nine", 9)))
 

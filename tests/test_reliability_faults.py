@@ -24,7 +24,6 @@ from tests.waiting import eventually
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-KWOK_STAGES = sorted((REPO_ROOT / "tools" / "kwok").glob("*.yaml"))
 MANAGED = "app.kubernetes.io/managed-by=lmi-operator"
 CHILD_KINDS = ("ConfigMap", "Deployment", "Service")
 # Figures measured by these tests, printed at the end of the module (pytest -s) for the docs.
@@ -34,7 +33,7 @@ FIGURES: dict[str, object] = {}
 @contextlib.contextmanager
 def started_cluster(workdir: Path) -> Iterator[LocalCluster]:
     """A control plane with kwok GPU nodes and the LMIModel CRD, stopped on exit."""
-    local = LocalCluster(workdir, tools_bin_dir(), extra_stages=KWOK_STAGES)
+    local = LocalCluster(workdir, tools_bin_dir())
     local.start()
     try:
         local.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
@@ -339,7 +338,17 @@ def test_control_plane_crash_neither_kills_nor_spins_the_operator(
         w0 = get_json(fault_cluster, "lmimodel", "w0", "-n", fault_ns)
         return ready_reason(w0) == "Available" and w0["status"].get("readyReplicas") == 2
 
-    eventually(serving_two, timeout=120, interval=0.25, what="2 replicas Ready after the restart")
+    try:
+        eventually(serving_two, timeout=120, interval=0.25, what="2 replicas Ready after the restart")
+    except AssertionError as err:
+        w0 = get_json(fault_cluster, "lmimodel", "w0", "-n", fault_ns)
+        dep = get_json(fault_cluster, "deployment", "w0", "-n", fault_ns)
+        pods = get_json(fault_cluster, "pods", "-n", fault_ns, "-l", "app.kubernetes.io/instance=w0")["items"]
+        states = [(p["metadata"]["name"], p["spec"].get("nodeName"), p.get("status", {})) for p in pods]
+        raise AssertionError(
+            f"{err}; model status {w0.get('status')}; Deployment status {dep.get('status')}; "
+            f"pods {states}; operator log:\n{op.log()[-4000:]}"
+        ) from None
     figures["two_replicas_ready_after_api_back_s"] = round(time.monotonic() - up, 1)
     assert op.alive()
     FIGURES[f"outage_{component}"] = figures

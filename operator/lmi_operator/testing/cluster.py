@@ -16,7 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,8 @@ from lmi_operator.testing.certs import CertPaths, write_pki
 from lmi_operator.testing.nodes import DEFAULT_NODES, FakeNode
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+# Stages beside kwok's stock ones: what a kubelet does that they don't, and the fault states tests use.
+REPO_STAGES = tuple(sorted((REPO_ROOT / "tools" / "kwok").glob("*.yaml")))
 _PR_SET_PDEATHSIG = 1
 
 
@@ -87,12 +89,10 @@ class LocalCluster:
         workdir: Path,
         bin_dir: Path,
         nodes: Sequence[FakeNode] = DEFAULT_NODES,
-        extra_stages: Iterable[Path] = (),
     ) -> None:
         self.workdir = workdir
         self.bin_dir = bin_dir
         self.nodes = tuple(nodes)
-        self.extra_stages = tuple(extra_stages)
         self.kubeconfig = workdir / "kubeconfig"
         self.logs = workdir / "logs"
         self._state = workdir / "state.json"
@@ -290,7 +290,7 @@ class LocalCluster:
     def _kwok_args(self, p: Ports) -> list[str]:
         stages = self.workdir / "kwok-stages.yaml"
         docs = [(self.bin_dir.parent / "kwok-stages.yaml").read_text()]
-        docs += [s.read_text() for s in self.extra_stages]
+        docs += [s.read_text() for s in REPO_STAGES]
         stages.write_text("\n---\n".join(docs))
         return [
             f"--kubeconfig={self.kubeconfig}",
