@@ -52,6 +52,7 @@ from lmi_runtime.vllm_compat import vllm_attr
 logger = logging.getLogger(__name__)
 
 ADAPTER_HEADER = "x-amzn-sagemaker-adapter-identifier"
+_ADAPTER_HEADER_BYTES = ADAPTER_HEADER.encode("latin-1")
 OPENAI_GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 JSON_LINES = "application/jsonlines"
 
@@ -339,14 +340,18 @@ class AdapterRouting:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        # ASGI servers give header names in lower case.
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == _ADAPTER_HEADER_BYTES), None)
+        # Parsed only when it may name an adapter (a "\u" escape could spell the key): every
+        # request pays this, and the front end shares its core with the engine's busy loop.
+        may_name = header is not None or b"adapters" in body or b"\\u" in body
         try:
-            payload = json.loads(body)
+            payload = json.loads(body) if may_name else None
         except ValueError:
             payload = None
         # Re-encoded only when it names an adapter: most requests pass through byte for byte.
-        if isinstance(payload, dict) and (ADAPTER_HEADER in headers or "adapters" in payload):
-            adapter = headers.get(ADAPTER_HEADER) or payload.pop("adapters", None)
+        if isinstance(payload, dict) and (header is not None or "adapters" in payload):
+            adapter = header or payload.pop("adapters", None)
             if adapter:
                 try:
                     payload["model"] = self.registry.resolve(str(adapter))

@@ -139,9 +139,17 @@ def test_lora_preloaded_by_header_and_body_differs_from_base(async_server: Runti
             "/v1/completions",
             json={"model": "lmi", "prompt": "the model", "max_tokens": 8, "temperature": 0, "adapters": "a1"},
         ).json()
+        # The same key spelled with a JSON escape: the runtime's byte-level shortcut must not miss it.
+        escaped = client.post(
+            "/v1/completions",
+            content=b'{"model": "lmi", "prompt": "the model", "max_tokens": 8, "temperature": 0, '
+            b'"\\u0061dapters": "a1"}',
+            headers={"content-type": "application/json"},
+        ).json()
     assert by_header == by_body != base
     assert openai["model"] == "a1" and openai["choices"][0]["text"] == by_header
     assert openai_body["choices"][0]["text"] == by_header
+    assert escaped["model"] == "a1" and escaped["choices"][0]["text"] == by_header
 
 
 def test_unknown_adapter_lists_known_ones(async_server: RuntimeServer) -> None:
