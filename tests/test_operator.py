@@ -16,7 +16,7 @@ from lmi_operator.api import parse_lmimodel
 from lmi_operator.drift import contains
 from lmi_operator.kube import KubeClient, load_credentials
 from lmi_operator.reconciler import Reconciler
-from lmi_operator.render import render
+from lmi_operator.render import MANAGED_SELECTOR, render
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster
 from lmi_operator.testing.operator import OperatorThread
@@ -382,3 +382,62 @@ def test_a_new_replica_reading_pods_before_the_deployment_rewrites_no_status(
     after = get(cluster, namespace, "lmimodel", "steady")
     assert after is not None
     assert after["metadata"]["resourceVersion"] == model["metadata"]["resourceVersion"], after["status"]
+
+
+def test_a_relist_forgets_what_was_deleted_while_no_watch_was_open(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    """kopf delivers a re-list (after an API outage) as plain events, with nothing for objects deleted
+    in between: the operator must notice the re-list and drop them, or it never restores a deleted
+    Service (a CI failure: the Service stayed deleted after a 45 s apiserver outage)."""
+    for name in ("kept", "dropped"):
+        apply(cluster, namespace, model_doc(name, replicas=1))
+    for name in ("kept", "dropped"):
+        wait_ready(cluster, namespace, name)
+
+    def items(kinds: str, *selector: str) -> list[dict[str, Any]]:
+        out = cluster.kubectl("get", kinds, "-n", namespace, *selector, "-o", "json").stdout
+        found: list[dict[str, Any]] = json.loads(out)["items"]
+        return found
+
+    def relist(reconciler: Reconciler) -> None:
+        # What kopf hands over from a listing: every object as an event of type None.
+        for model in items("lmimodels"):
+            reconciler.observe_model(model, False, True)
+        for child in items("configmaps,services,deployments", "-l", MANAGED_SELECTOR):
+            reconciler.observe_child(child, False, True)
+        for pod in items("pods", "-l", MANAGED_SELECTOR):
+            reconciler.observe_pod(pod, False, True)
+
+    async def scenario() -> None:
+        client = KubeClient(load_credentials(str(cluster.kubeconfig)))
+        fresh = Reconciler(client, OperatorSettings(namespaces=(namespace,)))
+        workers = asyncio.create_task(fresh.run())
+        try:
+            relist(fresh)
+            await asyncio.sleep(2)  # the first listing settles: nothing to compare it with
+            kept = fresh.state[namespace, "kept"]
+            old_service = kept.children["Service"]["metadata"]["uid"]
+            assert fresh.state[namespace, "dropped"].model is not None
+            # Deleted while this replica had no watch open: no event will ever tell it.
+            cluster.kubectl("delete", "service", "kept", "-n", namespace)
+            cluster.kubectl("delete", "lmimodel", "dropped", "-n", namespace)
+            relist(fresh)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                service = kept.children.get("Service")
+                dropped = fresh.state.get((namespace, "dropped"))
+                if service and service["metadata"]["uid"] != old_service and not (dropped and dropped.model):
+                    break
+                await asyncio.sleep(0.2)
+            assert kept.children["Service"]["metadata"]["uid"] != old_service, (
+                "the deleted Service is still cached"
+            )
+            dropped = fresh.state.get((namespace, "dropped"))
+            assert dropped is None or dropped.model is None, "the deleted model is still cached"
+        finally:
+            workers.cancel()
+            await client.close()
+
+    asyncio.run(scenario())
+    assert get(cluster, namespace, "service", "kept") is not None

@@ -18,7 +18,7 @@ import kopf
 from lmi_operator.api import GROUP, PLURAL, VERSION
 from lmi_operator.kube import Credentials
 from lmi_operator.reconciler import Reconciler
-from lmi_operator.render import MANAGED_BY
+from lmi_operator.render import MANAGED_SELECTOR
 
 # The children watched, (group, version, plural) -> kind; "" is the core group.
 CHILDREN: dict[tuple[str, str, str], str] = {
@@ -28,7 +28,6 @@ CHILDREN: dict[tuple[str, str, str], str] = {
     ("policy", "v1", "poddisruptionbudgets"): "PodDisruptionBudget",
     ("autoscaling", "v2", "horizontalpodautoscalers"): "HorizontalPodAutoscaler",
 }
-MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 
 
 class RetryForever:
@@ -45,12 +44,13 @@ class RetryForever:
         return itertools.chain((1.0, 1.0, 2.0, 3.0), itertools.repeat(5.0))
 
 
-def _object(event: Any, kind: str | None = None) -> tuple[dict[str, Any], bool]:
+def _object(event: Any, kind: str | None = None) -> tuple[dict[str, Any], bool, bool]:
+    """The object, whether it was deleted, and whether it came from a (re-)list (kopf's type None)."""
     obj: dict[str, Any] = event["object"]
     if kind is not None:
         # Watch events of the core group omit kind on some paths; the reconciler keys on it.
         obj.setdefault("kind", kind)
-    return obj, event.get("type") == "DELETED"
+    return obj, event.get("type") == "DELETED", event.get("type") is None
 
 
 def build(reconciler: Reconciler, creds: Credentials) -> tuple[kopf.OperatorRegistry, kopf.OperatorSettings]:

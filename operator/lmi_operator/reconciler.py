@@ -18,9 +18,11 @@ from lmi_operator import metrics
 from lmi_operator.api import API_VERSION, KIND, InvalidLMIModel, LMIModel, parse_lmimodel
 from lmi_operator.drift import contains
 from lmi_operator.engine_options import check_options
-from lmi_operator.kube import ApiError, KubeClient, object_path
+from lmi_operator.kube import PLURALS, ApiError, KubeClient, object_path
 from lmi_operator.properties import lmi_options
+from lmi_operator.relist import RelistDetector
 from lmi_operator.render import (
+    MANAGED_SELECTOR,
     MODEL_LABEL,
     desired_replicas,
     gpu_resource_of,
@@ -43,6 +45,9 @@ OPTIONAL_KINDS = {
 # How often to look again at a model whose pods are loading (to notice a StartupTimeout) or whose
 # Secret is missing (Secrets are not watched, by design).
 RECHECK_SECONDS = 30.0
+# The kinds the operator watches; a re-list of LMIModels checks them all (a kind with nothing left
+# to list yields no listing event of its own).
+WATCHED_KINDS = (KIND, "ConfigMap", "Service", "Deployment", *OPTIONAL_KINDS, "Pod")
 
 
 def _rv(obj: Mapping[str, Any]) -> int:
@@ -115,14 +120,17 @@ class Reconciler:
         self.started_at = time.time()
         self._free_gpus: tuple[float, dict[str, int]] | None = None
         self._reasons: dict[Key, str] = {}
+        self.sweeps: WorkQueue[str] = WorkQueue(self.sweep, workers=1)
+        self.relists = RelistDetector(self._relisted)
 
     # -- observations (from watch events) ---------------------------------------------------------
 
     def _state(self, key: Key) -> ModelState:
         return self.state.setdefault(key, ModelState())
 
-    def observe_model(self, obj: dict[str, Any], deleted: bool) -> None:
-        """An LMIModel was added, changed or deleted."""
+    def observe_model(self, obj: dict[str, Any], deleted: bool, listed: bool = False) -> None:
+        """An LMIModel was added, changed or deleted (`listed`: seen in a listing, not a watch)."""
+        self.relists.observe(KIND, listed)
         key = _key_of(obj)
         st = self._state(key)
         if deleted:
@@ -135,8 +143,9 @@ class Reconciler:
             st.model = slim(obj)
         self.queue.add(key)
 
-    def observe_child(self, obj: dict[str, Any], deleted: bool) -> None:
+    def observe_child(self, obj: dict[str, Any], deleted: bool, listed: bool = False) -> None:
         """A ConfigMap, Service, Deployment, PDB or HPA labelled as ours changed."""
+        self.relists.observe(obj["kind"], listed)
         key = owner_key(obj)
         if key is None:
             return
@@ -148,8 +157,9 @@ class Reconciler:
             st.children[kind] = slim(obj)
         self.queue.add(key)
 
-    def observe_pod(self, obj: dict[str, Any], deleted: bool) -> None:
+    def observe_pod(self, obj: dict[str, Any], deleted: bool, listed: bool = False) -> None:
         """A model server pod changed."""
+        self.relists.observe("Pod", listed)
         key = owner_key(obj)
         if key is None:
             return
@@ -169,6 +179,44 @@ class Reconciler:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.queue.run())
             group.create_task(self.status_queue.run())
+            group.create_task(self.sweeps.run())
+
+    def _relisted(self, kind: str) -> None:
+        for swept in WATCHED_KINDS if kind == KIND else (kind,):
+            self.sweeps.add(swept)
+
+    async def sweep(self, kind: str) -> None:
+        """Forget the cached objects of `kind` that a fresh list no longer holds, as deleted.
+
+        Only objects at least as old as the list count: a newer one may simply postdate it."""
+        api_version = next(av for av, k in PLURALS if k == kind and av != "events.k8s.io/v1")
+        params = {} if kind == KIND else {"labelSelector": MANAGED_SELECTOR}
+        present: set[Key] = set()
+        bound: dict[str | None, int] = {}
+        for namespace in self.settings.namespaces or (None,):
+            body = await self.client.request("GET", object_path(api_version, kind, namespace), params=params)
+            bound[namespace] = _rv(body)
+            present.update(_key_of(item) for item in body.get("items", []))
+        gone: list[tuple[dict[str, Any], Callable[[dict[str, Any], bool], None]]] = []
+        forget: Callable[[dict[str, Any], bool], None]
+        for key, st in list(self.state.items()):
+            limit = bound.get(key[0], bound.get(None))
+            if limit is None:
+                continue
+            if kind == KIND:
+                cached = [st.model] if st.model is not None else []
+                forget = self.observe_model
+            elif kind == "Pod":
+                cached = list(st.pods.values())
+                forget = self.observe_pod
+            else:
+                cached = [st.children[kind]] if kind in st.children else []
+                forget = self.observe_child
+            gone += [(obj, forget) for obj in cached if _key_of(obj) not in present and _rv(obj) <= limit]
+        for obj, forget in gone:
+            forget(obj, True)
+        if gone:
+            log.info("a re-list of %s: %d cached objects no longer exist", kind, len(gone))
 
     def pending(self) -> int:
         """Keys waiting or in flight in either queue."""

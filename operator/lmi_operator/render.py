@@ -22,6 +22,8 @@ PORT = 8080
 MODEL_LABEL = "serving.lmi.dev/model"
 CONFIG_HASH = "serving.lmi.dev/config-hash"
 MANAGED_BY = "lmi-operator"
+# The label selector of everything the operator creates (its watches are filtered by it).
+MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 RUNTIME_UID = 1000
 # The probe period of the startup probe; its failureThreshold spends spec.startup.timeoutSeconds.
 STARTUP_PERIOD = 10
