@@ -18,7 +18,7 @@ from lmi_operator import metrics
 from lmi_operator.api import API_VERSION, KIND, InvalidLMIModel, LMIModel, parse_lmimodel
 from lmi_operator.drift import contains
 from lmi_operator.engine_options import check_options
-from lmi_operator.kube import PLURALS, ApiError, KubeClient, object_path
+from lmi_operator.kube import ApiError, KubeClient, object_path
 from lmi_operator.properties import lmi_options
 from lmi_operator.relist import RelistDetector
 from lmi_operator.render import (
@@ -45,9 +45,16 @@ OPTIONAL_KINDS = {
 # How often to look again at a model whose pods are loading (to notice a StartupTimeout) or whose
 # Secret is missing (Secrets are not watched, by design).
 RECHECK_SECONDS = 30.0
-# The kinds the operator watches; a re-list of LMIModels checks them all (a kind with nothing left
-# to list yields no listing event of its own).
-WATCHED_KINDS = (KIND, "ConfigMap", "Service", "Deployment", *OPTIONAL_KINDS, "Pod")
+# The kinds the operator watches, kind -> apiVersion; a re-list of LMIModels checks them all (a kind
+# with nothing left to list yields no listing event of its own).
+WATCHED_KINDS = {
+    KIND: API_VERSION,
+    "ConfigMap": "v1",
+    "Service": "v1",
+    "Deployment": "apps/v1",
+    **OPTIONAL_KINDS,
+    "Pod": "v1",
+}
 
 
 def _rv(obj: Mapping[str, Any]) -> int:
@@ -104,6 +111,15 @@ class ModelState:
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     applied_generation: int | None = None
     apply_error: str | None = None
+
+
+def _cached(st: ModelState, kind: str) -> list[dict[str, Any]]:
+    """The cached objects of `kind` that belong to one model."""
+    if kind == KIND:
+        return [st.model] if st.model is not None else []
+    if kind == "Pod":
+        return list(st.pods.values())
+    return [st.children[kind]] if kind in st.children else []
 
 
 class Reconciler:
@@ -189,31 +205,23 @@ class Reconciler:
         """Forget the cached objects of `kind` that a fresh list no longer holds, as deleted.
 
         Only objects at least as old as the list count: a newer one may simply postdate it."""
-        api_version = next(av for av, k in PLURALS if k == kind and av != "events.k8s.io/v1")
         params = {} if kind == KIND else {"labelSelector": MANAGED_SELECTOR}
         present: set[Key] = set()
         bound: dict[str | None, int] = {}
         for namespace in self.settings.namespaces or (None,):
-            body = await self.client.request("GET", object_path(api_version, kind, namespace), params=params)
+            path = object_path(WATCHED_KINDS[kind], kind, namespace)
+            body = await self.client.request("GET", path, params=params)
             bound[namespace] = _rv(body)
             present.update(_key_of(item) for item in body.get("items", []))
-        gone: list[tuple[dict[str, Any], Callable[[dict[str, Any], bool], None]]] = []
-        forget: Callable[[dict[str, Any], bool], None]
-        for key, st in list(self.state.items()):
-            limit = bound.get(key[0], bound.get(None))
-            if limit is None:
-                continue
-            if kind == KIND:
-                cached = [st.model] if st.model is not None else []
-                forget = self.observe_model
-            elif kind == "Pod":
-                cached = list(st.pods.values())
-                forget = self.observe_pod
-            else:
-                cached = [st.children[kind]] if kind in st.children else []
-                forget = self.observe_child
-            gone += [(obj, forget) for obj in cached if _key_of(obj) not in present and _rv(obj) <= limit]
-        for obj, forget in gone:
+        gone = [
+            obj
+            for key, st in self.state.items()
+            if (limit := bound.get(key[0], bound.get(None))) is not None
+            for obj in _cached(st, kind)
+            if _key_of(obj) not in present and _rv(obj) <= limit
+        ]
+        forget = {KIND: self.observe_model, "Pod": self.observe_pod}.get(kind, self.observe_child)
+        for obj in gone:
             forget(obj, True)
         if gone:
             log.info("a re-list of %s: %d cached objects no longer exist", kind, len(gone))
