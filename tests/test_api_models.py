@@ -292,6 +292,12 @@ INVALID: list[Invalid] = [
         "env HF_MODEL_ID is LMI configuration",
     ),
     Invalid(
+        "env-adapters",
+        {"env": [{"name": "LMI_ADAPTERS", "value": "{}"}]},
+        "spec.env[0].name",
+        "env LMI_ADAPTERS is LMI configuration: use spec.model, spec.engine, spec.lora",
+    ),
+    Invalid(
         "env-value-and-value-from",
         {"env": [{"name": "A", "value": "1", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]},
         "spec.env[0]",

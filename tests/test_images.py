@@ -14,17 +14,10 @@ from pathlib import Path
 import pytest
 
 from lmi_operator.render import RUNTIME_UID
-from lmi_operator.testing.cluster import REPO_ROOT
+from tests.dockerfiles import REPO_ROOT, RUNTIME_DOCKERFILES, exec_form, instructions
 
 OPERATOR_DOCKERFILE = REPO_ROOT / "operator" / "Dockerfile"
-RUNTIME_DOCKERFILE = REPO_ROOT / "runtime" / "Dockerfile"
 CHART_DEPLOYMENT = REPO_ROOT / "charts" / "lmi-operator" / "templates" / "deployment.yaml"
-
-
-def instructions(dockerfile: Path, keyword: str) -> list[str]:
-    """The arguments of every `keyword` instruction (continuation lines joined)."""
-    text = re.sub(r"\\\n\s*", " ", dockerfile.read_text())
-    return [line.split(None, 1)[1] for line in text.splitlines() if line.split(None, 1)[:1] == [keyword]]
 
 
 def test_operator_image_user_and_command_are_the_charts() -> None:
@@ -35,13 +28,13 @@ def test_operator_image_user_and_command_are_the_charts() -> None:
     assert instructions(OPERATOR_DOCKERFILE, "USER") == [f"{uid[1]}:{gid[1]}"]
     command = re.search(r"command: (\[.*\])", chart)
     assert command
-    entrypoint = instructions(OPERATOR_DOCKERFILE, "ENTRYPOINT") + instructions(OPERATOR_DOCKERFILE, "CMD")
-    words = [word for part in entrypoint for word in json.loads(part)]
+    words = exec_form(OPERATOR_DOCKERFILE, "ENTRYPOINT") + exec_form(OPERATOR_DOCKERFILE, "CMD")
     assert words == json.loads(command[1]) == ["lmi-operator", "run"]
 
 
-def test_runtime_image_user_is_the_rendered_pods() -> None:
-    assert instructions(RUNTIME_DOCKERFILE, "USER") == [f"{RUNTIME_UID}:{RUNTIME_UID}"]
+@pytest.mark.parametrize("dockerfile", RUNTIME_DOCKERFILES, ids=lambda path: path.name)
+def test_runtime_image_user_is_the_rendered_pods(dockerfile: Path) -> None:
+    assert instructions(dockerfile, "USER") == [f"{RUNTIME_UID}:{RUNTIME_UID}"]
 
 
 @pytest.mark.timeout(600)

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, m
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from lmi_runtime import options as lmi
+
 GROUP = "serving.lmi.dev"
 VERSION = "v1alpha1"
 KIND = "LMIModel"
@@ -28,9 +30,15 @@ SINGULAR = "lmimodel"
 SHORT = "lmi"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-# LMI's defaults, repeated here because rules and helpers must agree with the runtime.
-LMI_DEFAULT_MAX_LORAS = 4
-LMI_DEFAULT_BATCH_SIZE = {"async": 32, "rollingBatch": 256}
+# LMI's default batch size (max_num_seqs) of each engine.mode, from the runtime's table.
+LMI_DEFAULT_BATCH_SIZE = {
+    "async": lmi.DEFAULT_MAX_NUM_SEQS_ASYNC,
+    "rollingBatch": lmi.DEFAULT_MAX_NUM_SEQS_ROLLING_BATCH,
+}
+_BATCH_SIZE_DEFAULTS = (
+    f"{lmi.DEFAULT_MAX_NUM_SEQS_ASYNC} in async mode, "
+    f"{lmi.DEFAULT_MAX_NUM_SEQS_ROLLING_BATCH} in rollingBatch mode"
+)
 
 Quantize = Literal[
     # Runtime quantization: the weights are quantized while loading.
@@ -53,7 +61,6 @@ Quantize = Literal[
     "mxfp4",
     "gguf",
 ]
-RUNTIME_QUANTIZE: tuple[str, ...] = ("fp8", "bitsandbytes")
 
 # Keys of engine.options that have a first-class field (LMI and vLLM spellings), and the field.
 FIRST_CLASS_OPTIONS: dict[str, str] = {
@@ -89,19 +96,6 @@ FIRST_CLASS_OPTIONS: dict[str, str] = {
 }
 # Keys of engine.options that the operator sets itself.
 OPERATOR_OPTIONS: tuple[str, ...] = ("model_id", "model", "port", "host", "engine", "entryPoint")
-# Environment variables the LMI container reads as model configuration; they would bypass the spec.
-LMI_CONFIG_ENV: tuple[str, ...] = (
-    "HF_MODEL_ID",
-    "HF_REVISION",
-    "HF_MODEL_QUANTIZE",
-    "HF_MODEL_TRUST_REMOTE_CODE",
-    "SM_NUM_GPUS",
-    "TENSOR_PARALLEL_DEGREE",
-    "MAX_BATCH_PREFILL_TOKENS",
-    "MAX_BATCH_SIZE",
-    "ENABLE_CUDA_GRAPHS",
-    "CUDA_MEMORY_FRACTION",
-)
 
 # A Hugging Face hub id (org/name), an s3:// URL, or an absolute path. RE2 and Python agree on it.
 SOURCE_PATTERN = (
@@ -251,7 +245,12 @@ class ModelSource(_Object):
     served_model_name: str | None = Field(
         None,
         max_length=256,
-        description="Name clients use in OpenAI requests and /ping; defaults to model.id.",
+        description=(
+            "The name clients put in the model field of OpenAI requests, also the key of /ping's answer. "
+            "The operator always writes option.served_model_name: this value, else model.id. (The runtime "
+            "image alone, without option.served_model_name, answers under "
+            f"'{lmi.DEFAULT_SERVED_MODEL_NAME}', as LMI does.)"
+        ),
     )
     hf_token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret holding a Hugging Face token (HF_TOKEN) for gated or private models."
@@ -314,7 +313,7 @@ class Engine(_Object):
             ),
             message=(
                 "engine.maxRollingBatchPrefillTokens must be at least engine.maxRollingBatchSize "
-                "(default 32 in async mode, 256 in rollingBatch mode)"
+                f"(default {_BATCH_SIZE_DEFAULTS})"
             ),
             check=lambda e: (
                 e.max_rolling_batch_prefill_tokens is None
@@ -325,7 +324,7 @@ class Engine(_Object):
     )
 
     tensor_parallel_degree: Annotated[int, Field(ge=1)] | Literal["max"] = Field(
-        "max",
+        lmi.DEFAULT_TENSOR_PARALLEL_DEGREE,
         description=(
             "GPUs one model copy is split across (LMI option.tensor_parallel_degree, vLLM "
             "tensor_parallel_size): a positive integer, or max for resources.gpus / pipelineParallelDegree."
@@ -350,7 +349,7 @@ class Engine(_Object):
         le=4096,
         description=(
             "Most sequences in one batch (LMI option.max_rolling_batch_size, vLLM max_num_seqs); "
-            "LMI's default is 32 in async mode and 256 in rollingBatch mode."
+            f"LMI's default is {_BATCH_SIZE_DEFAULTS}."
         ),
     )
     max_rolling_batch_prefill_tokens: int | None = Field(
@@ -477,9 +476,9 @@ class LoRA(_Object):
         Rule(
             cel=(
                 "!has(self.maxCpuLoras) || self.maxCpuLoras >= "
-                f"(has(self.maxLoras) ? self.maxLoras : {LMI_DEFAULT_MAX_LORAS})"
+                f"(has(self.maxLoras) ? self.maxLoras : {lmi.DEFAULT_MAX_LORAS})"
             ),
-            message=f"lora.maxCpuLoras must be at least lora.maxLoras (default {LMI_DEFAULT_MAX_LORAS})",
+            message=f"lora.maxCpuLoras must be at least lora.maxLoras (default {lmi.DEFAULT_MAX_LORAS})",
             check=lambda lo: lo.max_cpu_loras is None or lo.max_cpu_loras >= lo.effective_max_loras(),
             field_path=".maxCpuLoras",
         ),
@@ -494,7 +493,10 @@ class LoRA(_Object):
 
     enabled: bool = Field(False, description="Serve LoRA adapters (LMI option.enable_lora).")
     max_loras: int | None = Field(
-        None, ge=1, le=256, description="Adapters in one batch (LMI option.max_loras, default 4)."
+        None,
+        ge=1,
+        le=256,
+        description=f"Adapters in one batch (LMI option.max_loras, default {lmi.DEFAULT_MAX_LORAS}).",
     )
     max_lora_rank: int | None = Field(
         None, ge=1, le=512, description="Highest adapter rank to support (LMI option.max_lora_rank)."
@@ -516,7 +518,7 @@ class LoRA(_Object):
 
     def effective_max_loras(self) -> int:
         """maxLoras, or LMI's default."""
-        return self.max_loras if self.max_loras is not None else LMI_DEFAULT_MAX_LORAS
+        return self.max_loras if self.max_loras is not None else lmi.DEFAULT_MAX_LORAS
 
 
 # --- spec.handler ------------------------------------------------------------------------------
@@ -526,7 +528,7 @@ class ConfigMapKeyRef(_Object):
     """A key of a ConfigMap in the LMIModel's namespace."""
 
     name: ResourceName = Field(description="Name of the ConfigMap.")
-    key: str = Field("model.py", max_length=253, description="Key in the ConfigMap holding model.py.")
+    key: str = Field(lmi.HANDLER_FILE, max_length=253, description="Key in the ConfigMap holding model.py.")
 
 
 class Handler(_Object):
@@ -652,22 +654,23 @@ class EnvVarSource(_Object):
     config_map_key_ref: KeyRef | None = Field(None, description="A key of a ConfigMap.")
 
 
+_USE_THE_SPEC = "use spec.model, spec.engine, spec.lora and spec.engine.options"
+
+
 class EnvVar(_Object):
     """An environment variable of the model server container."""
 
     lmi_rules = (
         Rule(
-            cel=f"!self.name.startsWith('OPTION_') && !(self.name in {_cel_list(LMI_CONFIG_ENV)})",
-            message="env may not set OPTION_* or LMI configuration variables (HF_MODEL_ID, SM_NUM_GPUS, "
-            "...): use spec.model, spec.engine and spec.engine.options",
-            message_expression=(
-                "'env ' + self.name + ' is LMI configuration: use spec.model, spec.engine and '"
-                " + 'spec.engine.options'"
+            cel=(
+                f"!self.name.startsWith('{lmi.OPTION_ENV_PREFIX}') && "
+                f"!(self.name in {_cel_list(lmi.CONFIG_ENV)})"
             ),
-            check=lambda e: not e.name.startswith("OPTION_") and e.name not in LMI_CONFIG_ENV,
-            explain=lambda e: (
-                f"env {e.name} is LMI configuration: use spec.model, spec.engine and spec.engine.options"
-            ),
+            message=f"env may not set {lmi.OPTION_ENV_PREFIX}* or LMI configuration variables "
+            f"({lmi.MODEL_ID_ENV}, {lmi.ADAPTERS_ENV}, ...): {_USE_THE_SPEC}",
+            message_expression=f"'env ' + self.name + ' is LMI configuration: {_USE_THE_SPEC}'",
+            check=lambda e: not e.name.startswith(lmi.OPTION_ENV_PREFIX) and e.name not in lmi.CONFIG_ENV,
+            explain=lambda e: f"env {e.name} is LMI configuration: {_USE_THE_SPEC}",
             field_path=".name",
             reason="FieldValueForbidden",
         ),
@@ -845,25 +848,29 @@ class LMIModelSpec(_Object):
         ),
         Rule(
             cel=(
-                "self.resources.gpus > 0 || ((self.engine.tensorParallelDegree == 'max' || "
+                "self.resources.gpus > 0 || ((self.engine.tensorParallelDegree == "
+                f"'{lmi.TENSOR_PARALLEL_MAX}' || "
                 "self.engine.tensorParallelDegree == 1) && self.engine.pipelineParallelDegree == 1)"
             ),
             message="resources.gpus 0 (vLLM on CPU) allows only engine.tensorParallelDegree 1 or max and "
             "engine.pipelineParallelDegree 1",
             check=lambda s: (
                 s.resources.gpus > 0
-                or (s.engine.tensor_parallel_degree in ("max", 1) and s.engine.pipeline_parallel_degree == 1)
+                or (
+                    s.engine.tensor_parallel_degree in (lmi.TENSOR_PARALLEL_MAX, 1)
+                    and s.engine.pipeline_parallel_degree == 1
+                )
             ),
             field_path=".resources.gpus",
         ),
         Rule(
             cel=(
                 "self.resources.gpus > 0 || !has(self.engine.quantize) || "
-                f"!(self.engine.quantize in {_cel_list(RUNTIME_QUANTIZE)})"
+                f"!(self.engine.quantize in {_cel_list(lmi.RUNTIME_QUANTIZATION)})"
             ),
             message="engine.quantize fp8 and bitsandbytes need resources.gpus of at least 1 "
             "(vLLM on CPU rejects them)",
-            check=lambda s: s.resources.gpus > 0 or s.engine.quantize not in RUNTIME_QUANTIZE,
+            check=lambda s: s.resources.gpus > 0 or s.engine.quantize not in lmi.RUNTIME_QUANTIZATION,
             field_path=".engine.quantize",
         ),
         Rule(

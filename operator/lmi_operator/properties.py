@@ -9,8 +9,7 @@ import json
 from typing import Any
 
 from lmi_operator.api import LMIModelSpec
-
-ASYNC_ENTRYPOINT = "djl_python.lmi_vllm.vllm_async_service"
+from lmi_runtime import options as lmi
 
 
 def _text(value: Any) -> str:
@@ -24,9 +23,13 @@ def _text(value: Any) -> str:
 def lmi_options(spec: LMIModelSpec) -> dict[str, str]:
     """The LMI options (without the option. prefix) the spec stands for, in a stable order."""
     engine = spec.engine
-    opts: dict[str, Any] = {"model_id": spec.model.id}
+    # The served name is always written: LMI's own default (lmi) would not be the documented model.id.
+    opts: dict[str, Any] = {
+        "model_id": spec.model.id,
+        "served_model_name": spec.model.served_model_name or spec.model.id,
+    }
     if engine.mode == "async":
-        opts |= {"async_mode": True, "rolling_batch": "disable", "entryPoint": ASYNC_ENTRYPOINT}
+        opts |= {"async_mode": True, "rolling_batch": "disable", "entryPoint": lmi.ASYNC_ENTRYPOINT}
     else:
         opts["rolling_batch"] = "vllm"
     opts["tensor_parallel_degree"] = engine.tensor_parallel_degree
@@ -37,7 +40,6 @@ def lmi_options(spec: LMIModelSpec) -> dict[str, str]:
         "revision": spec.model.revision,
         "trust_remote_code": spec.model.trust_remote_code or None,
         "tokenizer": spec.model.tokenizer,
-        "served_model_name": spec.model.served_model_name,
         "quantize": engine.quantize,
         "max_rolling_batch_prefill_tokens": engine.max_rolling_batch_prefill_tokens,
         "max_model_len": engine.max_model_len,
@@ -74,7 +76,10 @@ def serving_properties(spec: LMIModelSpec) -> str:
 def lmi_environment(spec: LMIModelSpec) -> dict[str, str]:
     """The LMI container's variables: HF_MODEL_ID (as SageMaker deployments set it) and the
     tensor parallel degree, which serving.properties repeats and wins over."""
-    env = {"HF_MODEL_ID": spec.model.id, "TENSOR_PARALLEL_DEGREE": _text(spec.engine.tensor_parallel_degree)}
+    env = {
+        lmi.MODEL_ID_ENV: spec.model.id,
+        lmi.TENSOR_PARALLEL_DEGREE_ENV: _text(spec.engine.tensor_parallel_degree),
+    }
     if spec.model.revision:
-        env["HF_REVISION"] = spec.model.revision
+        env[lmi.REVISION_ENV] = spec.model.revision
     return env

@@ -15,10 +15,9 @@ from typing import Any
 from lmi_operator.api import API_VERSION, KIND, LMIModel, LMIModelSpec
 from lmi_operator.properties import lmi_environment, lmi_options, serving_properties
 from lmi_operator.settings import OperatorSettings
+from lmi_runtime.options import ADAPTERS_ENV, HANDLER_FILE, MODEL_DIR, PORT, PROPERTIES_FILE
 
-MODEL_DIR = "/opt/ml/model"
 CACHE_DIR = "/opt/ml/cache"
-PORT = 8080
 MODEL_LABEL = "serving.lmi.dev/model"
 CONFIG_HASH = "serving.lmi.dev/config-hash"
 MANAGED_BY = "lmi-operator"
@@ -89,9 +88,9 @@ def _quantity(value: int | str) -> str:
 
 
 def _config_map(obj: LMIModel) -> dict[str, Any]:
-    data = {"serving.properties": serving_properties(obj.spec)}
+    data = {PROPERTIES_FILE: serving_properties(obj.spec)}
     if obj.spec.handler is not None and obj.spec.handler.model_py is not None:
-        data["model.py"] = obj.spec.handler.model_py
+        data[HANDLER_FILE] = obj.spec.handler.model_py
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -110,7 +109,7 @@ def _env(spec: LMIModelSpec) -> list[dict[str, Any]]:
     ]
     if spec.lora is not None and spec.lora.enabled and spec.lora.adapters:
         adapters = {a.name: a.source for a in spec.lora.adapters}
-        env.append({"name": "LMI_ADAPTERS", "value": json.dumps(adapters, sort_keys=True)})
+        env.append({"name": ADAPTERS_ENV, "value": json.dumps(adapters, sort_keys=True)})
     if ref := spec.model.hf_token_secret_ref:
         # By reference only: the token never appears in a ConfigMap, annotation or status.
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
@@ -137,8 +136,8 @@ def _volumes(obj: LMIModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         {"name": "dshm", "mountPath": "/dev/shm"},
         {
             "name": "lmi-config",
-            "mountPath": f"{MODEL_DIR}/serving.properties",
-            "subPath": "serving.properties",
+            "mountPath": f"{MODEL_DIR}/{PROPERTIES_FILE}",
+            "subPath": PROPERTIES_FILE,
             "readOnly": True,
         },
     ]
@@ -147,8 +146,8 @@ def _volumes(obj: LMIModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         mounts.append(
             {
                 "name": "lmi-config",
-                "mountPath": f"{MODEL_DIR}/model.py",
-                "subPath": "model.py",
+                "mountPath": f"{MODEL_DIR}/{HANDLER_FILE}",
+                "subPath": HANDLER_FILE,
                 "readOnly": True,
             }
         )
@@ -157,11 +156,16 @@ def _volumes(obj: LMIModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         volumes.append(
             {
                 "name": "handler",
-                "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": "model.py"}]},
+                "configMap": {"name": ref.name, "items": [{"key": ref.key, "path": HANDLER_FILE}]},
             }
         )
         mounts.append(
-            {"name": "handler", "mountPath": f"{MODEL_DIR}/model.py", "subPath": "model.py", "readOnly": True}
+            {
+                "name": "handler",
+                "mountPath": f"{MODEL_DIR}/{HANDLER_FILE}",
+                "subPath": HANDLER_FILE,
+                "readOnly": True,
+            }
         )
     return volumes, mounts
 
@@ -206,6 +210,7 @@ def _pod_spec(obj: LMIModel, settings: OperatorSettings, gpu_resource: str) -> d
     container: dict[str, Any] = {
         "name": "model-server",
         "image": spec.image or settings.runtime_image,
+        # The image's ENTRYPOINT is `lmi-runtime`; these args replace its CMD (tests/test_contract.py).
         "args": ["serve", "--model-dir", MODEL_DIR, "--port", str(PORT)],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": _env(spec),

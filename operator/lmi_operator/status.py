@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmi_runtime.options import PORT
+
 READY, PROGRESSING, DEGRADED, RECONCILING, STALLED = (
     "Ready",
     "Progressing",
@@ -260,7 +262,7 @@ def build_status(obs: Observed, previous: Mapping[str, Any] | None) -> dict[str,
         "readyReplicas": ready,
         "ready": f"{ready}/{obs.desired_replicas}",
         "selector": obs.selector,
-        "endpoint": f"http://{obs.name}.{obs.namespace}.svc.cluster.local:8080",
+        "endpoint": f"http://{obs.name}.{obs.namespace}.svc.cluster.local:{PORT}",
         "engineOptions": {k: _fit(v) for k, v in sorted(obs.engine_options.items())},
         "conditions": conditions,
     }

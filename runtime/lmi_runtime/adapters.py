@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmi_runtime.errors import RuntimeConfigError
+from lmi_runtime.options import ADAPTERS_ENV
 from lmi_runtime.vllm_compat import vllm_attr
 
 logger = logging.getLogger(__name__)
@@ -29,9 +30,6 @@ class AdapterError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-ADAPTERS_ENV = "LMI_ADAPTERS"
 
 
 def preload_dirs(model_dir: Path, enable_lora: bool) -> dict[str, Path]:

@@ -12,9 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmi_runtime.errors import HandlerLoadError, RuntimeConfigError
+from lmi_runtime.errors import ERROR_PREFIX, HandlerLoadError, RuntimeConfigError
+from lmi_runtime.options import MODEL_DIR, PORT
 
-DEFAULT_MODEL_DIR = "/opt/ml/model"
 logger = logging.getLogger("lmi_runtime")
 
 
@@ -29,14 +29,15 @@ def _configure_logging() -> None:
     logger.propagate = False
 
 
-def _parser() -> argparse.ArgumentParser:
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line `lmi-runtime` accepts (the container contract test parses pods' argv with it)."""
     parser = argparse.ArgumentParser(prog="lmi-runtime", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     args_cmd = commands.add_parser("args", help="print the resolved vLLM engine arguments as JSON")
-    args_cmd.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, type=Path)
+    args_cmd.add_argument("--model-dir", default=MODEL_DIR, type=Path)
     serve_cmd = commands.add_parser("serve", help="serve the model over the LMI and OpenAI APIs")
-    serve_cmd.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, type=Path)
-    serve_cmd.add_argument("--port", default=8080, type=int)
+    serve_cmd.add_argument("--model-dir", default=MODEL_DIR, type=Path)
+    serve_cmd.add_argument("--port", default=PORT, type=int)
     serve_cmd.add_argument("--host", default="0.0.0.0")
     commands.add_parser("engine-args-table", help="print the installed vLLM's engine argument table")
     return parser
@@ -48,7 +49,7 @@ def _print_json(document: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `lmi-runtime` console script; returns the process exit status."""
-    options = _parser().parse_args(argv)
+    options = argument_parser().parse_args(argv)
     _configure_logging()
     try:
         if options.command == "serve":
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_json(document)
         return 0
     except (RuntimeConfigError, HandlerLoadError) as error:
-        sys.stderr.write(f"lmi-runtime: error: {error}\n")
+        sys.stderr.write(f"{ERROR_PREFIX}{error}\n")
         return 2
 
 

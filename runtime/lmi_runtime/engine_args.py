@@ -285,7 +285,7 @@ def _tensor_parallel(
     wanted: dict[str, Setting], environ: Mapping[str, str], count: Callable[[], int]
 ) -> Setting:
     setting = wanted.get("tensor_parallel_size", Setting(lmi.DEFAULT_TENSOR_PARALLEL_DEGREE, "LMI default"))
-    if setting.value.strip().lower() != "max":
+    if setting.value.strip().lower() != lmi.TENSOR_PARALLEL_MAX:
         parse_positive_int(setting)
         return setting
     pipeline = (

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# How the CLI starts the one line it prints for these errors; the operator finds that line in a
+# crashed pod's log tail (its termination message) and shows it in the model's status.
+ERROR_PREFIX = "lmi-runtime: error: "
+
 
 class RuntimeConfigError(Exception):
     """A configuration the runtime refuses before any weight is loaded.

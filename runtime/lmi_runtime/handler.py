@@ -26,10 +26,10 @@ from djl_python.inputs import Input
 from djl_python.outputs import Envelope, Output
 from lmi_runtime.errors import HandlerLoadError
 from lmi_runtime.lmi_schema import error_body
+from lmi_runtime.options import HANDLER_FILE
 
 logger = logging.getLogger(__name__)
 
-HANDLER_FILE = "model.py"
 Handle = Callable[[Input], Awaitable[Any]]
 
 

@@ -1,6 +1,9 @@
-"""The one table of LMI option names: renames to vLLM, aliases, LMI defaults and LMI-only keys.
+"""The one table of LMI names: options and their renames to vLLM, aliases, LMI defaults, LMI-only
+keys, the environment variables and files the runtime reads, and the container's port.
 
-Everything that knows an LMI name lives here, so the resolver, the CLI table and the docs agree.
+Everything that knows an LMI name lives here, so the resolver, the CLI table, the docs and the
+operator (which imports this module to write what the runtime reads) agree. It imports nothing
+heavy: the operator image has no vLLM, FastAPI or torch.
 """
 
 from __future__ import annotations
@@ -85,36 +88,60 @@ RUNTIME_OWNED: Final[dict[str, str]] = {
     "middleware": "the runtime builds the HTTP application",
 }
 
+# The LMI container's layout: the model directory holds serving.properties, an optional custom
+# handler and adapters/; the server listens on one HTTP port.
+MODEL_DIR: Final = "/opt/ml/model"
+PORT: Final = 8080
+PROPERTIES_FILE: Final = "serving.properties"
+HANDLER_FILE: Final = "model.py"
+
+ASYNC_ENTRYPOINT: Final = "djl_python.lmi_vllm.vllm_async_service"
+
 ENGINE_VALUES: Final[tuple[str, ...]] = ("Python",)
 ROLLING_BATCH_VALUES: Final[tuple[str, ...]] = ("auto", "vllm", "disable")
-ENTRYPOINT_VALUES: Final[tuple[str, ...]] = (
-    "djl_python.lmi_vllm.vllm_async_service",
-    "djl_python.huggingface",
-    "model.py",
-)
+ENTRYPOINT_VALUES: Final[tuple[str, ...]] = (ASYNC_ENTRYPOINT, "djl_python.huggingface", HANDLER_FILE)
 TASK_VALUES: Final[tuple[str, ...]] = ("text-generation", "auto")
 
-ASYNC_ENTRYPOINT: Final[str] = "djl_python.lmi_vllm.vllm_async_service"
+# The tensor parallel degree that means "every visible GPU over the pipeline stages".
+TENSOR_PARALLEL_MAX: Final = "max"
 
 # LMI defaults that differ from vLLM's.
-DEFAULT_TENSOR_PARALLEL_DEGREE: Final[str] = "max"
+DEFAULT_TENSOR_PARALLEL_DEGREE: Final = TENSOR_PARALLEL_MAX
 DEFAULT_MAX_NUM_SEQS_ASYNC: Final[int] = 32
 DEFAULT_MAX_NUM_SEQS_ROLLING_BATCH: Final[int] = 256
 DEFAULT_MAX_LORAS: Final[int] = 4
-# LMI's vLLM service answers under this name when option.served_model_name is not given.
+# LMI's vLLM service answers under this name when option.served_model_name is not given (the
+# operator always gives it: spec.model.servedModelName, else spec.model.id).
 DEFAULT_SERVED_MODEL_NAME: Final[str] = "lmi"
+
+# Environment variables the runtime reads as model configuration. OPTION_<NAME> is option.<name>.
+OPTION_ENV_PREFIX: Final = "OPTION_"
+MODEL_ID_ENV: Final = "HF_MODEL_ID"
+REVISION_ENV: Final = "HF_REVISION"
+TENSOR_PARALLEL_DEGREE_ENV: Final = "TENSOR_PARALLEL_DEGREE"
+# Not LMI's: the operator lists spec.lora.adapters here as a JSON object {name: source}.
+ADAPTERS_ENV: Final = "LMI_ADAPTERS"
 
 # Container-level environment aliases, applied only when the target is unset:
 # source variable -> (target variable, inverted boolean).
 ENV_ALIASES: Final[dict[str, tuple[str, bool]]] = {
     "HF_MODEL_QUANTIZE": ("OPTION_QUANTIZE", False),
     "HF_MODEL_TRUST_REMOTE_CODE": ("OPTION_TRUST_REMOTE_CODE", False),
-    "SM_NUM_GPUS": ("TENSOR_PARALLEL_DEGREE", False),
+    "SM_NUM_GPUS": (TENSOR_PARALLEL_DEGREE_ENV, False),
     "MAX_BATCH_PREFILL_TOKENS": ("OPTION_MAX_ROLLING_BATCH_PREFILL_TOKENS", False),
     "MAX_BATCH_SIZE": ("OPTION_MAX_ROLLING_BATCH_SIZE", False),
     "ENABLE_CUDA_GRAPHS": ("OPTION_ENFORCE_EAGER", True),
     "CUDA_MEMORY_FRACTION": ("OPTION_GPU_MEMORY_UTILIZATION", False),
 }
+
+# Every variable besides OPTION_* that the runtime reads as model configuration.
+CONFIG_ENV: Final[tuple[str, ...]] = (
+    MODEL_ID_ENV,
+    REVISION_ENV,
+    TENSOR_PARALLEL_DEGREE_ENV,
+    *ENV_ALIASES,
+    ADAPTERS_ENV,
+)
 
 # Runtime quantization methods LMI documents; pre-quantized models need no option at all.
 RUNTIME_QUANTIZATION: Final[tuple[str, ...]] = ("fp8", "bitsandbytes")

@@ -14,9 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmi_runtime.errors import RuntimeConfigError
-from lmi_runtime.options import ENV_ALIASES
+from lmi_runtime.options import (
+    ENV_ALIASES,
+    MODEL_ID_ENV,
+    OPTION_ENV_PREFIX,
+    PROPERTIES_FILE,
+    REVISION_ENV,
+    TENSOR_PARALLEL_DEGREE_ENV,
+)
 
-PROPERTIES_FILE = "serving.properties"
 _UPPER_NAME = re.compile(r"[A-Z0-9_]+")
 
 
@@ -80,27 +86,30 @@ def _apply_env_aliases(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def _alias_of(target: str) -> str:
+    """The alias a variable was filled from (messages name what the person actually set)."""
+    return next(source for source, (aliased, _) in ENV_ALIASES.items() if aliased == target)
+
+
 def settings_from_environment(environ: Mapping[str, str]) -> dict[str, Setting]:
     """LMI options named by environment variables (OPTION_*, HF_MODEL_ID, ... and the aliases)."""
     env = _apply_env_aliases(environ)
     options: dict[str, Setting] = {}
     for key, value in env.items():
-        if not key.startswith("OPTION_") or key == "OPTION_":
+        if not key.startswith(OPTION_ENV_PREFIX) or key == OPTION_ENV_PREFIX:
             continue
-        name = key[len("OPTION_") :]
+        name = key[len(OPTION_ENV_PREFIX) :]
         # LMI lower-cases only all-upper names; matching is case-insensitive either way.
         name = name.lower() if _UPPER_NAME.fullmatch(name) else name
-        label = key
-        if not environ.get(key):
-            label = next(src for src, (target, _) in ENV_ALIASES.items() if target == key)
-        options[name.lower()] = Setting(value, label)
-    if "HF_MODEL_ID" in env and "model_id" not in options:
-        options["model_id"] = Setting(env["HF_MODEL_ID"], "HF_MODEL_ID")
-    if "HF_REVISION" in env and "revision" not in options:
-        options["revision"] = Setting(env["HF_REVISION"], "HF_REVISION")
-    if "TENSOR_PARALLEL_DEGREE" in env and "tensor_parallel_degree" not in options:
-        label = "TENSOR_PARALLEL_DEGREE" if environ.get("TENSOR_PARALLEL_DEGREE") else "SM_NUM_GPUS"
-        options["tensor_parallel_degree"] = Setting(env["TENSOR_PARALLEL_DEGREE"], label)
+        options[name.lower()] = Setting(value, key if environ.get(key) else _alias_of(key))
+    if MODEL_ID_ENV in env and "model_id" not in options:
+        options["model_id"] = Setting(env[MODEL_ID_ENV], MODEL_ID_ENV)
+    if REVISION_ENV in env and "revision" not in options:
+        options["revision"] = Setting(env[REVISION_ENV], REVISION_ENV)
+    if TENSOR_PARALLEL_DEGREE_ENV in env and "tensor_parallel_degree" not in options:
+        target = TENSOR_PARALLEL_DEGREE_ENV
+        label = target if environ.get(target) else _alias_of(target)
+        options["tensor_parallel_degree"] = Setting(env[target], label)
     return options
 
 
@@ -108,7 +117,7 @@ def load_settings(model_dir: Path, environ: Mapping[str, str]) -> LmiSettings:
     """Merge the environment and `<model_dir>/serving.properties`; the file wins, as in LMI."""
     options = settings_from_environment(environ)
     top_level: dict[str, Setting] = {}
-    if environ.get("OPTION_ENGINE"):
+    if environ.get(OPTION_ENV_PREFIX + "ENGINE"):
         top_level["engine"] = options.pop("engine")
     path = model_dir / PROPERTIES_FILE
     if path.is_file():

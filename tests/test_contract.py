@@ -1,0 +1,193 @@
+"""The operator and the runtime agree, for every example and every runtime image.
+
+The command line: the image's ENTRYPOINT and CMD composed with the rendered container's command and
+args exactly as Kubernetes does (command replaces ENTRYPOINT and drops CMD; args replace CMD) must
+be `lmi-runtime serve` with the port the container exposes and the folder the ConfigMap is mounted in.
+
+The configuration: the rendered ConfigMap's files, written where the pod mounts them, and the
+container's literal environment, read by the runtime's own code (`lmi-runtime args`), must resolve
+to the model the LMIModel specifies: model, documented served name, parallelism, batch, LoRA ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+
+from lmi_operator.api import KIND, LMIModel, parse_lmimodel
+from lmi_operator.render import Rendered, render
+from lmi_operator.settings import OperatorSettings
+from lmi_runtime import options as lmi
+from lmi_runtime.adapters import preload_sources
+from lmi_runtime.cli import argument_parser
+from lmi_runtime.engine_args import ResolvedConfig, VllmSchema, load_schema, resolve
+from lmi_runtime.handler import load_handler
+from lmi_runtime.properties import load_settings
+from tests.dockerfiles import REPO_ROOT, RUNTIME_DOCKERFILES, exec_form, instructions
+
+SETTINGS = OperatorSettings()
+
+
+def _models() -> list[LMIModel]:
+    found = []
+    for path in sorted((REPO_ROOT / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == KIND:
+                doc["metadata"].setdefault("namespace", "default")
+                found.append(parse_lmimodel(doc))
+    return found
+
+
+MODELS = _models()
+
+
+def _name(obj: LMIModel) -> str:
+    return str(obj.metadata.name)
+
+
+def container_of(rendered: Rendered) -> dict[str, Any]:
+    """The model-server container of the rendered Deployment."""
+    deployment = rendered.by_kind("Deployment")
+    assert deployment is not None
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+def kubernetes_argv(entrypoint: list[str], cmd: list[str], container: dict[str, Any]) -> list[str]:
+    """What the container runs: command replaces ENTRYPOINT (and CMD is dropped), args replace CMD."""
+    command: list[str] | None = container.get("command")
+    args: list[str] | None = container.get("args")
+    if command is not None:
+        return [*command, *(args or [])]
+    return [*entrypoint, *(cmd if args is None else args)]
+
+
+def parse_runtime_argv(argv: list[str], capsys: pytest.CaptureFixture[str]) -> Any:
+    """`lmi-runtime`'s own parse of argv, or a test failure quoting its usage error."""
+    assert argv[:1] == ["lmi-runtime"], f"the container runs {argv}, not lmi-runtime"
+    try:
+        return argument_parser().parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"lmi-runtime rejects {argv}: {capsys.readouterr().err.strip()}")
+
+
+def config_mounts(rendered: Rendered) -> dict[PurePosixPath, str]:
+    """Each file of the rendered ConfigMap, by the path the pod mounts it at."""
+    config_map = rendered.by_kind("ConfigMap")
+    deployment = rendered.by_kind("Deployment")
+    assert config_map is not None and deployment is not None
+    volumes = {
+        v["name"]
+        for v in deployment["spec"]["template"]["spec"]["volumes"]
+        if v.get("configMap", {}).get("name") == config_map["metadata"]["name"]
+    }
+    files = {
+        PurePosixPath(m["mountPath"]): config_map["data"][m["subPath"]]
+        for m in container_of(rendered)["volumeMounts"]
+        if m["name"] in volumes
+    }
+    assert set(files.values()) == set(config_map["data"].values()), "a ConfigMap file is not mounted"
+    return files
+
+
+@pytest.mark.parametrize("dockerfile", RUNTIME_DOCKERFILES, ids=lambda path: path.name)
+@pytest.mark.parametrize("obj", MODELS, ids=_name)
+def test_the_pod_runs_lmi_runtime_serve_on_its_port_and_model_dir(
+    dockerfile: Path, obj: LMIModel, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rendered = render(obj, SETTINGS)
+    container = container_of(rendered)
+    argv = kubernetes_argv(exec_form(dockerfile, "ENTRYPOINT"), exec_form(dockerfile, "CMD"), container)
+    parsed = parse_runtime_argv(argv, capsys)
+    assert parsed.command == "serve"
+    assert [parsed.port] == [port["containerPort"] for port in container["ports"]]
+    assert {path.parent for path in config_mounts(rendered)} == {PurePosixPath(parsed.model_dir)}
+
+
+@pytest.mark.parametrize("dockerfile", RUNTIME_DOCKERFILES, ids=lambda path: path.name)
+def test_the_image_alone_serves_like_an_lmi_container(
+    dockerfile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parsed = parse_runtime_argv(
+        kubernetes_argv(exec_form(dockerfile, "ENTRYPOINT"), exec_form(dockerfile, "CMD"), {}), capsys
+    )
+    assert (parsed.command, str(parsed.model_dir), parsed.port) == ("serve", lmi.MODEL_DIR, lmi.PORT)
+    assert instructions(dockerfile, "EXPOSE") == [str(lmi.PORT)]
+
+
+@pytest.fixture(scope="module")
+def schema() -> VllmSchema:
+    """The installed vLLM's schema, with the runtime quantization methods LMI documents: an example
+    that uses one says its image must have it (vLLM 0.32 needs a plugin for bitsandbytes)."""
+    installed = load_schema()
+    methods = tuple(sorted({*installed.quantization_methods, *lmi.RUNTIME_QUANTIZATION}))
+    return dataclasses.replace(installed, quantization_methods=methods)
+
+
+def runtime_reads(
+    obj: LMIModel, model_dir: Path, schema: VllmSchema
+) -> tuple[ResolvedConfig, dict[str, str]]:
+    """What `lmi-runtime args` resolves in the rendered pod, on a node with the GPUs it requests."""
+    rendered = render(obj, SETTINGS)
+    for path, text in config_mounts(rendered).items():
+        (model_dir / path.relative_to(lmi.MODEL_DIR)).write_text(text, encoding="utf-8")
+    # Values from Secrets (HF_TOKEN) are not configuration; only literal values are.
+    env = {var["name"]: var["value"] for var in container_of(rendered)["env"] if "value" in var}
+    config = resolve(load_settings(model_dir, env), env, schema, device_count=lambda: obj.spec.resources.gpus)
+    return config, env
+
+
+def expected_engine_args(obj: LMIModel) -> dict[str, Any]:
+    """The vLLM engine arguments the spec stands for (None: not set, vLLM's default applies)."""
+    spec, engine = obj.spec, obj.spec.engine
+    lora = spec.lora if spec.lora is not None and spec.lora.enabled else None
+    return {
+        "model": spec.model.id,
+        # As spec.model.servedModelName's description says.
+        "served_model_name": [spec.model.served_model_name or spec.model.id],
+        "revision": spec.model.revision,
+        "tokenizer": spec.model.tokenizer,
+        "trust_remote_code": spec.model.trust_remote_code or None,
+        "tensor_parallel_size": spec.tensor_parallel_size(),
+        "pipeline_parallel_size": engine.pipeline_parallel_degree
+        if engine.pipeline_parallel_degree != 1
+        else None,
+        "max_num_seqs": engine.effective_max_rolling_batch_size(),
+        "max_num_batched_tokens": engine.max_rolling_batch_prefill_tokens,
+        "quantization": engine.quantize,
+        "max_model_len": engine.max_model_len,
+        "dtype": lmi.DTYPE_ALIASES.get(engine.dtype, engine.dtype) if engine.dtype else None,
+        "gpu_memory_utilization": engine.gpu_memory_utilization,
+        "cpu_offload_gb": engine.cpu_offload_gb_per_gpu,
+        "enable_prefix_caching": engine.enable_prefix_caching,
+        "speculative_config": engine.speculative_config,
+        "enable_lora": True if lora else None,
+        "max_loras": lora.effective_max_loras() if lora else None,
+        "max_lora_rank": lora.max_lora_rank if lora else None,
+        "max_cpu_loras": lora.max_cpu_loras if lora else None,
+    }
+
+
+@pytest.mark.parametrize("obj", MODELS, ids=_name)
+def test_the_runtime_reads_the_model_the_spec_specifies(
+    obj: LMIModel, schema: VllmSchema, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, env = runtime_reads(obj, tmp_path, schema)
+    expected = expected_engine_args(obj)
+    assert {key: config.engine_args.get(key) for key in expected} == expected
+    assert config.served_model_names == expected["served_model_name"]
+    assert config.mode == ("async" if obj.spec.engine.mode == "async" else "rolling_batch")
+    for key in obj.spec.engine.options:
+        assert hasattr(config.namespace, lmi.RENAMED.get(key, key)), f"engine.options.{key} was dropped"
+    lora = obj.spec.lora
+    adapters = {a.name: a.source for a in lora.adapters} if lora is not None and lora.enabled else {}
+    assert preload_sources(tmp_path, config.enable_lora, env) == adapters
+    # load_handler puts the model folder on sys.path, as LMI does; the test's own path is restored.
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    handler = obj.spec.handler
+    assert (load_handler(tmp_path) is not None) == (handler is not None and handler.model_py is not None)
