@@ -85,6 +85,8 @@ def test_pod_is_restricted_and_gets_gpus_tolerations_and_probes() -> None:
     assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] == 7200
     assert container["readinessProbe"]["httpGet"] == {"path": "/ping", "port": "http"}
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    # A crash's log tail becomes its termination message, which the status quotes.
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
 def test_gpu_resource_comes_from_spec_else_settings() -> None:
@@ -208,6 +210,12 @@ def test_available_and_rollout_conditions() -> None:
     assert reasons(touched)["Ready"] == ("True", "Available")
 
 
+NOT_READY = {
+    "metadata": {"generation": 1},
+    "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1},
+}
+
+
 def pod(**status: Any) -> dict[str, Any]:
     return {"metadata": {"name": "m-1"}, "status": status}
 
@@ -288,17 +296,97 @@ def pod(**status: Any) -> dict[str, Any]:
     ],
 )
 def test_pod_problems_become_reasons(the_pod: dict[str, Any], reason: str) -> None:
-    not_ready = {
-        "metadata": {"generation": 1},
-        "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1},
-    }
-    obs = observed(deployment=not_ready, pods=[the_pod], free_gpus_by_node={"n1": 1})
+    obs = observed(deployment=NOT_READY, pods=[the_pod], free_gpus_by_node={"n1": 1})
     got = reasons(obs)
     assert (
         got["Ready"] == ("False", reason)
         and got["Degraded"] == ("True", reason)
         and got["Stalled"][0] == "True"
     )
+
+
+def crashed(exit_code: int, reason: str, message: str) -> dict[str, Any]:
+    """A pod whose model server crash-loops, its status as a kubelet writes it."""
+    terminated = {
+        "exitCode": exit_code,
+        "reason": reason,
+        "message": message,
+        "startedAt": "2026-11-27T11:58:02Z",
+        "finishedAt": "2026-11-27T11:58:09Z",
+        "containerID": "containerd://4f1c0e",
+    }
+    return pod(
+        phase="Running",
+        containerStatuses=[
+            {
+                "name": "model-server",
+                "image": "lmi-runtime:dev",
+                "imageID": "docker.io/library/lmi-runtime@sha256:0d1e",
+                "containerID": "containerd://4f1c0e",
+                "ready": False,
+                "started": False,
+                "restartCount": 4,
+                "state": {
+                    "waiting": {
+                        "reason": "CrashLoopBackOff",
+                        "message": "back-off 1m20s restarting failed container=model-server "
+                        "pod=m-1_ns(0b6f0b6e-4a7c-4c57-9d0e-5d1b6c2e2f6a)",
+                    }
+                },
+                "lastState": {"terminated": terminated},
+            }
+        ],
+    )
+
+
+LOG_TAIL = (
+    "INFO 2026-11-27 11:58:08,120 lmi_runtime: reading /opt/ml/model/serving.properties\n"
+    "lmi-runtime: error: option.max_rolling_batch_sise=4: unknown option; did you mean "
+    "max_rolling_batch_size?\n"
+)
+TRACEBACK_TAIL = (
+    "Traceback (most recent call last):\n"
+    '  File "/usr/lib/python3/site-packages/vllm/worker.py", line 12, in load\n'
+    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.00 GiB\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("the_pod", "reason", "says"),
+    [
+        (
+            crashed(2, "Error", LOG_TAIL),
+            "CrashLoop",
+            "pod m-1: container model-server is crash-looping (restarts: 4, last exit: code 2, Error: "
+            "lmi-runtime: error: option.max_rolling_batch_sise=4: unknown option; did you mean "
+            "max_rolling_batch_size?)",
+        ),
+        (
+            crashed(1, "Error", TRACEBACK_TAIL),
+            "CrashLoop",
+            "(restarts: 4, last exit: code 1, Error: torch.OutOfMemoryError: CUDA out of memory. "
+            "Tried to allocate 1.00 GiB)",
+        ),
+        (crashed(1, "Error", ""), "CrashLoop", "(restarts: 4, last exit: code 1, Error)"),
+        (
+            crashed(137, "OOMKilled", "INFO loading weights\n"),
+            "OOMKilled",
+            "container model-server was OOMKilled (restarts: 4, last exit: code 137, OOMKilled: "
+            "INFO loading weights); raise spec.resources.memory",
+        ),
+    ],
+)
+def test_a_crash_shows_its_exit_and_last_words(the_pod: dict[str, Any], reason: str, says: str) -> None:
+    (ready, *_) = conditions_for(observed(deployment=NOT_READY, pods=[the_pod]))
+    assert (ready["status"], ready["reason"]) == ("False", reason)
+    assert says in ready["message"]
+
+
+def test_a_crash_message_stays_short() -> None:
+    endless = "lmi-runtime: error: " + "x" * 10_000 + "\n" + "y" * 3000
+    (ready, *_) = conditions_for(observed(deployment=NOT_READY, pods=[crashed(2, "Error", endless)]))
+    assert ready["reason"] == "CrashLoop" and "Error: lmi-runtime: error: xxx" in ready["message"]
+    assert len(ready["message"]) < 700 and ready["message"].endswith("xx...)")
 
 
 def test_invalid_spec_wins_and_timestamps_are_stable() -> None:

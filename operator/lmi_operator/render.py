@@ -215,6 +215,9 @@ def _pod_spec(obj: LMIModel, settings: OperatorSettings, gpu_resource: str) -> d
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": _env(spec),
         "volumeMounts": mounts,
+        # A crash's last log lines (the runtime's one-line error) become the termination message,
+        # which the status shows.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmi_runtime.errors import ERROR_PREFIX
 from lmi_runtime.options import PORT
 
 READY, PROGRESSING, DEGRADED, RECONCILING, STALLED = (
@@ -43,6 +44,9 @@ PROBLEM_REASONS = (
 )
 
 _IMAGE_PULL = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+# The most of a crashed container's termination message a condition quotes: one line a person acts
+# on, not the whole log tail (FallbackToLogsOnError puts up to 80 lines there).
+LAST_WORDS_CHARS = 512
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,23 @@ def _insufficient_gpu(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
     return None
 
 
+def last_words(message: str) -> str:
+    """The line of a termination message that says why the container stopped: the runtime's own
+    one-line error when the log tail holds one, else the last line (a traceback's exception),
+    cut to LAST_WORDS_CHARS."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(ERROR_PREFIX)]
+    line = (errors or lines or [""])[-1]
+    return line if len(line) <= LAST_WORDS_CHARS else line[: LAST_WORDS_CHARS - 3] + "..."
+
+
+def _termination(terminated: Mapping[str, Any]) -> str:
+    """How a container last stopped: exit code, kubelet's reason and its last words."""
+    text = f"last exit: code {terminated.get('exitCode', '?')}, {terminated.get('reason', 'unknown reason')}"
+    words = last_words(str(terminated.get("message", "")))
+    return f"{text}: {words}" if words else text
+
+
 def pod_problem(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
     """What is wrong with one pod, if anything, most actionable first."""
     if problem := _insufficient_gpu(obs, pod):
@@ -134,13 +155,14 @@ def pod_problem(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
             return Problem(
                 OOM_KILLED,
                 f"pod {pod_name}: container {cs.get('name')} was OOMKilled "
-                f"(restarts: {cs.get('restartCount', 0)}); raise spec.resources.memory",
+                f"(restarts: {cs.get('restartCount', 0)}, {_termination(terminated)}); "
+                "raise spec.resources.memory",
             )
         if reason == "CrashLoopBackOff":
             return Problem(
                 CRASH_LOOP,
                 f"pod {pod_name}: container {cs.get('name')} is crash-looping "
-                f"(restarts: {cs.get('restartCount', 0)}, last exit: {terminated.get('exitCode', '?')})",
+                f"(restarts: {cs.get('restartCount', 0)}, {_termination(terminated)})",
             )
         started = _parse_time((cs.get("state", {}).get("running") or {}).get("startedAt"))
         if started and not cs.get("ready") and not cs.get("started", False):
