@@ -3,11 +3,11 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV := .venv
 PY := $(VENV)/bin/python
-TOOLS_BIN = $(shell bash tools/build-tools.sh 2>/dev/null | tail -n 1)
-export LMI_TOOLS_BIN = $(TOOLS_BIN)
+# The pinned tools' folder, found (or built, printing progress) when a recipe first needs it.
+TOOLS_BIN = $$(bash tools/build-tools.sh | tail -n 1)
 
-.PHONY: help tools tools-path setup lint typecheck unit test demo cluster-up cluster-down crds docs \
-        generate engine-args lock bench-operator bench-runtime
+.PHONY: help tools tools-path setup node-deps image-cpu lint typecheck unit test demo cluster-up \
+        cluster-down crds docs generate engine-args lock bench-operator bench-runtime
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -21,6 +21,12 @@ tools-path: tools ## print the folder holding the built binaries (last line)
 setup: ## create .venv with the project, the test tools and vLLM for CPU
 	@bash tools/setup-venv.sh
 
+node-deps: ## install the real node's Debian packages (containerd, runc, CNI plugins, debootstrap) if missing
+	@bash tools/node-deps.sh
+
+image-cpu: setup node-deps ## build the runtime's CPU image from runtime/Dockerfile.cpu (layers cached outside the clone)
+	@$(PY) -m lmi_operator.testing image-cpu
+
 lint: setup ## ruff lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -28,17 +34,17 @@ lint: setup ## ruff lint and format check
 typecheck: setup ## strict mypy over both packages
 	$(VENV)/bin/mypy
 
-test: setup tools lint typecheck ## everything: lint, types, and all tests on the real control plane and vLLM
-	$(VENV)/bin/pytest -ra -m "not slow" $(PYTEST_ARGS)
+test: setup tools image-cpu lint typecheck ## everything: lint, types, and all tests on the real control plane, real node and vLLM
+	LMI_TOOLS_BIN=$(TOOLS_BIN) $(VENV)/bin/pytest -ra -m "not slow" $(PYTEST_ARGS)
 	@# The fault tests (SIGKILL, control-plane restarts, two replicas) time recoveries: they run
 	@# after the rest, on their own cluster, once the main session's cluster and operator are gone.
-	$(VENV)/bin/pytest -ra -m slow $(PYTEST_ARGS)
+	LMI_TOOLS_BIN=$(TOOLS_BIN) $(VENV)/bin/pytest -ra -m slow $(PYTEST_ARGS)
 
-demo: setup tools ## the main job on the local control plane with fake GPU nodes
-	$(PY) -m lmi_operator.demo
+demo: setup tools image-cpu ## the main job on the local control plane with fake GPU nodes and a real CPU node
+	LMI_TOOLS_BIN=$(TOOLS_BIN) $(PY) -m lmi_operator.demo
 
 cluster-up: setup tools ## start the local control plane in the background and print its KUBECONFIG
-	@$(PY) -m lmi_operator.testing up
+	@LMI_TOOLS_BIN=$(TOOLS_BIN) $(PY) -m lmi_operator.testing up
 
 cluster-down: setup ## stop the local control plane started by cluster-up
 	@$(PY) -m lmi_operator.testing down
@@ -58,7 +64,7 @@ engine-args: setup ## regenerate the operator's table of the pinned vLLM's engin
 	$(VENV)/bin/lmi-runtime engine-args-table > operator/lmi_operator/vllm_engine_args.json
 
 bench-operator: setup tools ## operator convergence at scale against kube-controller-manager (N=$(N), default 100)
-	$(PY) bench/operator_scale.py --n $(or $(N),100)
+	LMI_TOOLS_BIN=$(TOOLS_BIN) $(PY) bench/operator_scale.py --n $(or $(N),100)
 
 .PHONY: chart
 chart: setup ## regenerate the chart's CRD copy and README values table, deploy/ and the Argo CD ConfigMap

@@ -490,7 +490,7 @@ def vllm_env(cache: Path) -> dict[str, str]:
     """vLLM on CPU, offline, with every cache and temporary file in the bench's folder."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    from tests.runtime.tiny_model import vllm_cpu_env
+    from lmi_operator.testing.tiny_model import vllm_cpu_env
 
     return vllm_cpu_env(cache, RUNTIME_SRC)
 
@@ -499,7 +499,7 @@ def build_tiny_model(target: Path) -> None:
     """The runtime tests' random-weight Llama and BPE tokenizer (tests/runtime/tiny_model.py)."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    from tests.runtime.tiny_model import build_model
+    from lmi_operator.testing.tiny_model import build_model
 
     build_model(target)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,15 +31,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         local.stop()
 
 
-@pytest.fixture
-def namespace(cluster: LocalCluster) -> Iterator[str]:
-    """A fresh namespace for one test, deleted afterwards (without waiting)."""
-    name = f"t-{uuid.uuid4().hex[:8]}"
+@contextlib.contextmanager
+def fresh_namespace(cluster: LocalCluster, prefix: str = "t", *labels: str) -> Iterator[str]:
+    """A new namespace (with `labels`, as key=value), deleted afterwards (without waiting)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
+    if labels:
+        cluster.kubectl("label", "namespace", name, *labels)
     try:
         yield name
     finally:
         cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def namespace(cluster: LocalCluster) -> Iterator[str]:
+    """A fresh namespace for one test."""
+    with fresh_namespace(cluster) as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,13 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from lmi_operator.testing.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The console script's own code path (`lmi-operator run`), with logging set to INFO first: the
@@ -24,13 +25,6 @@ LAUNCH = (
     "format='%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s'); "
     "from lmi_operator.cli import main; sys.exit(main(['run']))"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _die_with_parent() -> None:

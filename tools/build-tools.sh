@@ -23,9 +23,12 @@ have() { for b in "$@"; do [ -x "$bin/$b" ] || return 1; done; }
 
 # k8s.io/kubernetes needs its staging modules redirected; its own replace lines only apply when it
 # is the main module, so a wrapper module repeats them with the published v0.X.Y versions.
+# The kubelet runs the real node that CPU model pods start on (docs/e2e.md).
+k8s_commands="kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet"
 build_kubernetes() {
-  have kube-apiserver kube-controller-manager kube-scheduler kubectl && return 0
-  log "building Kubernetes $KUBERNETES_VERSION (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)"
+  # shellcheck disable=SC2086
+  have $k8s_commands && return 0
+  log "building Kubernetes $KUBERNETES_VERSION ($k8s_commands); about 15 min on 2 cores when cold"
   local mod="$dest/src/kubernetes" staging="v0.${KUBERNETES_VERSION#v1.}"
   mkdir -p "$mod"
   local gomod
@@ -40,8 +43,9 @@ build_kubernetes() {
     # Exactly the modules its own go.mod redirects to ./staging (k8s.io/utils is a real v0.0.0-... one).
     grep -E '=> \./staging/' "$gomod" | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}' | sort -u
     echo
-    for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do echo "tool k8s.io/kubernetes/cmd/$c"; done
+    for c in $k8s_commands; do echo "tool k8s.io/kubernetes/cmd/$c"; done
   } > "$mod/go.mod"
+  log "  go mod tidy (downloads the modules on first use)"
   (cd "$mod" && go mod tidy)
   local pkg=k8s.io/component-base/version cpkg=k8s.io/client-go/pkg/version
   local minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
@@ -50,7 +54,7 @@ build_kubernetes() {
     ld+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor"
     ld+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
   done
-  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for c in $k8s_commands; do
     have "$c" && continue
     log "  go build $c"
     (cd "$mod" && go build -trimpath -ldflags "$ld" -o "$bin/$c.tmp" "k8s.io/kubernetes/cmd/$c") && mv "$bin/$c.tmp" "$bin/$c"

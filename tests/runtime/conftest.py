@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.runtime.tiny_model import build_adapter, build_model, vllm_cpu_env
+from lmi_operator.testing.tiny_model import build_adapter, build_model, vllm_cpu_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_SRC = REPO_ROOT / "runtime"

@@ -5,30 +5,31 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from lmi_operator.testing.certs import CertPaths, write_pki
+from lmi_operator.testing.node import RealNode
 from lmi_operator.testing.nodes import DEFAULT_NODES, FakeNode
+from lmi_operator.testing.processes import die_with_parent, free_port
+
+__all__ = ["REPO_ROOT", "ClusterError", "LocalCluster", "free_port", "tools_bin_dir"]
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 # Stages beside kwok's stock ones: what a kubelet does that they don't, and the fault states tests use.
 REPO_STAGES = tuple(sorted((REPO_ROOT / "tools" / "kwok").glob("*.yaml")))
-_PR_SET_PDEATHSIG = 1
 
 
 class ClusterError(RuntimeError):
@@ -49,20 +50,6 @@ def tools_bin_dir() -> Path:
     return Path(out.strip().splitlines()[-1])
 
 
-def free_port() -> int:
-    """A port on 127.0.0.1 that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _die_with_parent() -> None:
-    # A test run killed with SIGKILL cannot run its finalizers; the kernel then stops its children.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @dataclass(frozen=True)
 class Ports:
     """The 127.0.0.1 ports one cluster listens on."""
@@ -81,18 +68,25 @@ class Ports:
 
 
 class LocalCluster:
-    """A control plane rooted in `workdir`. `start()` brings it up with fake GPU nodes and waits
-    until it schedules pods; `stop()` ends exactly the processes it started (by pid)."""
+    """A control plane rooted in `workdir`. `start()` brings it up with fake GPU nodes (and, with
+    `real_node`, a kubelet + containerd node that runs CPU pods for real) and waits until it
+    schedules pods; `stop()` ends exactly the processes it started."""
 
     def __init__(
         self,
         workdir: Path,
         bin_dir: Path,
         nodes: Sequence[FakeNode] = DEFAULT_NODES,
+        real_node: bool = False,
     ) -> None:
         self.workdir = workdir
         self.bin_dir = bin_dir
         self.nodes = tuple(nodes)
+        self.real_node: RealNode | None = None
+        if real_node:
+            self.real_node = RealNode(workdir, bin_dir, workdir / "kubeconfig", free_port())
+        # The processes this object started: judged by their handles, never by /proc alone.
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.kubeconfig = workdir / "kubeconfig"
         self.logs = workdir / "logs"
         self._state = workdir / "state.json"
@@ -145,12 +139,18 @@ class LocalCluster:
                 self._default_sa,
                 "done creating the default ServiceAccount",
             )
+            if self.real_node is not None:
+                if detach:
+                    raise ClusterError("the real node runs only attached to the process that starts it")
+                self.real_node.start()
         except BaseException:
             self.stop()
             raise
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop the processes this cluster started, newest first: SIGTERM, then SIGKILL after `grace`."""
+        if self.real_node is not None:
+            self.real_node.stop()
         if not self._state.exists():
             return
         pids: dict[str, int] = self._load_state()["pids"]
@@ -217,6 +217,35 @@ class LocalCluster:
             raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc
 
+    @contextlib.contextmanager
+    def port_forward(self, namespace: str, target: str, port: int = 8080) -> Iterator[int]:
+        """`kubectl port-forward` to `target` (svc/NAME or pod/NAME) on a free local port, which it
+        yields; the forward ends with the block."""
+        proc = subprocess.Popen(
+            [
+                str(self.bin_dir / "kubectl"),
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "port-forward",
+                "-n",
+                namespace,
+                target,
+                f":{port}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            line = proc.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8080"
+            if "127.0.0.1:" not in line:
+                raise ClusterError(f"kubectl port-forward {target}: {line}{proc.stderr.read()}".strip())
+            yield int(line.split("127.0.0.1:", 1)[1].split()[0])
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
     def memory_rss_mib(self) -> dict[str, float]:
         """Resident memory of each running component, in MiB (from /proc)."""
         out: dict[str, float] = {}
@@ -254,6 +283,10 @@ class LocalCluster:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
+            # The real node's kubelet (logs, exec, port-forward) is reached on its InternalIP.
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
+            f"--kubelet-client-certificate={pki.admin_cert}",
+            f"--kubelet-client-key={pki.admin_key}",
             "--service-cluster-ip-range=10.96.0.0/16",
             "--allow-privileged=true",
             "--profiling=false",
@@ -317,16 +350,24 @@ class LocalCluster:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=None if detach else _die_with_parent,
+            preexec_fn=None if detach else die_with_parent,
             cwd=self.workdir,
         )
         log.close()
+        self._procs[name] = proc
         state = self._load_state()
         state["pids"][name] = proc.pid
         self._save_state(state)
 
     def _is_ours(self, name: str, pid: int) -> bool:
-        # The pid may have been reused after our process ended: check it still runs our binary.
+        started = self._procs.get(name)
+        if started is not None and started.pid == pid:
+            # Started by this object: its handle knows (and reaps) it, whatever /proc shows while
+            # the kernel is still loading a freshly exec'd binary.
+            return started.poll() is None
+        # Started by another process (`make cluster-up`): the pid may have been reused after our
+        # process ended, so check it still runs our binary. An empty cmdline is a process still
+        # being exec'd (state D), which counts as ours.
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
             stat = Path(f"/proc/{pid}/stat").read_text()
@@ -337,7 +378,7 @@ class LocalCluster:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
             return False
-        return cmdline == str(self.bin_dir / name).encode()
+        return cmdline in (b"", str(self.bin_dir / name).encode())
 
     def _wait(self, component: str, deadline: float, ready: Callable[[], bool], what: str = "ready") -> None:
         log = self.logs / f"{component}.log"

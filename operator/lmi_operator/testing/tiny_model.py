@@ -1,6 +1,7 @@
 """A tiny random-weight Llama model, its tokenizer and a LoRA adapter, built on this machine.
 
-vLLM's CPU backend needs head_dim >= 32 (hidden 128 / 4 heads). Built once per test session.
+vLLM's CPU backend needs head_dim >= 32 (hidden 128 / 4 heads). Built once per test session; the
+real node's tests and `make demo` bake it into an image.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def build_tokenizer(target: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(_sentences(3000), trainer)
-    wrapped = PreTrainedTokenizerFast(
+    # transformers' constructors are untyped.
+    wrapped = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
     wrapped.chat_template = CHAT_TEMPLATE
@@ -92,7 +94,7 @@ def build_model(target: Path) -> None:
         eos_token_id=1,
         pad_token_id=3,
     )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[no-untyped-call,arg-type]
     model.save_pretrained(str(target), safe_serialization=True)
     build_tokenizer(target)
 
