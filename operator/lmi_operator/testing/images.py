@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -181,8 +181,10 @@ class Image:
             repository = f"docker.io/{repository}"
         return f"{repository}:{_digest(self.manifest_blob()).removeprefix('sha256:')[:16]}"
 
-    def write_oci_archive(self, out: IO[bytes]) -> None:
-        """Stream the image as an OCI image layout tar (what `ctr images import` reads)."""
+    def write_oci_archive(self, out: IO[bytes], present: Collection[str] = ()) -> None:
+        """Stream the image as an OCI image layout tar (what `ctr images import` reads). Layers
+        whose digest is in `present` are left out: containerd's importer ingests the blobs it is
+        given and resolves the index from its store, so a layer it holds need not be sent again."""
         manifest = self.manifest_blob()
         index = {
             "schemaVersion": 2,
@@ -204,7 +206,8 @@ class Image:
             for blob in (manifest, self.config_blob()):
                 _add_bytes(tar, _blob_path(_digest(blob)), blob)
             for layer in self.layers:
-                tar.add(layer.tar, arcname=_blob_path(layer.digest), recursive=False)
+                if layer.digest not in present:
+                    tar.add(layer.tar, arcname=_blob_path(layer.digest), recursive=False)
 
 
 def _blob_path(digest: str) -> str:

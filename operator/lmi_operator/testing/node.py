@@ -132,8 +132,9 @@ class RealNode:
         if self._ctr_ids("images", "ls", "-q", f"name=={image.reference}"):
             return image.reference
         started = time.monotonic()
-        size = sum(layer.tar.stat().st_size for layer in image.layers) / 2**30
-        print(f"[node] importing {image.reference} ({size:.1f} GiB) into containerd", flush=True)
+        present = set(self._ctr_ids("content", "ls", "-q"))
+        size = sum(layer.tar.stat().st_size for layer in image.layers if layer.digest not in present) / 2**30
+        print(f"[node] importing {image.reference} ({size:.1f} GiB new) into containerd", flush=True)
         proc = subprocess.Popen(
             self._ctr_argv("images", "import", "--no-unpack=false", "-"),
             stdin=subprocess.PIPE,
@@ -142,7 +143,7 @@ class RealNode:
         )
         assert proc.stdin is not None and proc.stdout is not None
         with contextlib.suppress(BrokenPipeError), proc.stdin:
-            image.write_oci_archive(proc.stdin)
+            image.write_oci_archive(proc.stdin, present)
         # ctr says little (a line per image), so reading after the stream cannot block it.
         out = proc.stdout.read().decode(errors="replace")
         proc.wait()
