@@ -32,6 +32,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 @contextlib.contextmanager
+def progress_shown(config: pytest.Config) -> Iterator[None]:
+    """Let a long set-up step's progress lines (an image import, a node start) through pytest's
+    output capture, so a first run on a fresh machine says what it is doing."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        yield
+
+
+@contextlib.contextmanager
 def fresh_namespace(cluster: LocalCluster, prefix: str = "t", *labels: str) -> Iterator[str]:
     """A new namespace (with `labels`, as key=value), deleted afterwards (without waiting)."""
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -22,7 +22,7 @@ from lmi_operator.testing.node import NODE_NAME, RealNode, node_selector, tolera
 from lmi_operator.testing.operator import OperatorThread
 from lmi_operator.testing.runtime_image import build_model_image, cpu_model
 from lmi_operator.testing.tiny_model import build_adapter, build_model
-from tests.conftest import fresh_namespace
+from tests.conftest import fresh_namespace, progress_shown
 from tests.test_operator import apply, condition
 from tests.test_operator import get as get_object
 from tests.waiting import eventually
@@ -37,20 +37,27 @@ READY_TIMEOUT = 420
 # The inline handler answers this prompt itself and hands everything else to vLLM.
 HANDLER_PROMPT = "__which handler__"
 HANDLER_PY = """
+from djl_python import Output
+
+
 async def handle(inputs):
     if inputs.is_empty():
         return None
     if inputs.get_as_json().get("inputs") == "__which handler__":
-        return {"generated_text": "HANDLER"}
+        return Output().add_as_json({"generated_text": "HANDLER"})
     return None
 """
 
 
 @pytest.fixture(scope="module")
-def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def real_cluster(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[LocalCluster]:
     """A control plane with kwok's fake GPU nodes and the real node."""
     local = LocalCluster(tmp_path_factory.mktemp("real-node"), tools_bin_dir(), real_node=True)
-    local.start()
+    with progress_shown(pytestconfig):
+        print("\n[e2e] starting a local cluster with the real node", flush=True)
+        local.start()
     try:
         yield local
     finally:
@@ -65,13 +72,14 @@ def node(real_cluster: LocalCluster) -> RealNode:
 
 
 @pytest.fixture(scope="module")
-def model_image(node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> str:
+def model_image(node: RealNode, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> str:
     """The runtime CPU image plus the tiny model and adapter, imported into the node."""
     context = tmp_path_factory.mktemp("model-image")
     build_model(context / "tiny")
     build_adapter(context / "tiny", context / "adapters" / "a1", seed=1)
     models = {"tiny": MODEL_PATH, "adapters": "/opt/models/adapters"}
-    return node.import_image(build_model_image(context, models, "lmi/e2e:test"))
+    with progress_shown(pytestconfig):
+        return node.import_image(build_model_image(context, models, "lmi/e2e:test"))
 
 
 @pytest.fixture(scope="module")

@@ -84,3 +84,13 @@ def test_operator_image_install_steps_give_a_lean_working_operator(tmp_path: Pat
     )
     assert run.returncode == 2 and run.stderr.startswith("error: cannot start:"), run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_the_cpu_image_runs_like_the_gpu_image() -> None:
+    # The real node's tests run the CPU image: what they prove holds for the GPU image only while
+    # both start the same command, as the same user, in the same folder, on the same port.
+    gpu, cpu = REPO_ROOT / "runtime" / "Dockerfile", REPO_ROOT / "runtime" / "Dockerfile.cpu"
+    for keyword in ("ENTRYPOINT", "CMD"):
+        assert exec_form(gpu, keyword) == exec_form(cpu, keyword), keyword
+    for keyword in ("USER", "WORKDIR", "EXPOSE"):
+        assert instructions(gpu, keyword)[-1] == instructions(cpu, keyword)[-1], keyword
