@@ -555,9 +555,8 @@ def _debootstrap(suite: str, target: Path) -> None:
     if proc.returncode != 0:
         raise ImageBuildError(f"debootstrap {suite} failed: {proc.stdout[-2000:]}")
     # Downloaded packages are not part of the image (the slim image drops them too).
-    for folder in (target / "var" / "cache" / "apt" / "archives", target / "var" / "lib" / "apt" / "lists"):
-        for item in folder.glob("*.deb"):
-            item.unlink()
+    for package in (target / "var" / "cache" / "apt" / "archives").glob("*.deb"):
+        package.unlink()
 
 
 def _mount(args: list[str], target: Path) -> None:

@@ -38,16 +38,6 @@ NODE_IP = "10.89.0.1"
 CGROUP_ROOT = "lmi-node"
 CNI_BIN = Path("/usr/lib/cni")
 PAUSE_DIR = Path(__file__).resolve().parents[3] / "tools" / "images" / "pause"
-# Debian's packages that the node needs, as `make node-deps` installs them.
-PACKAGES = (
-    "containerd",
-    "runc",
-    "containernetworking-plugins",
-    "debootstrap",
-    "iproute2",
-    "gcc",
-    "libc6-dev",
-)
 
 
 class NodeError(RuntimeError):
@@ -100,9 +90,10 @@ class RealNode:
             self._clean_leftovers()
             self._bridge_up()
             self._write_cni()
-            self._spawn("containerd", ["containerd", "--config", str(self._containerd_config())])
+            pause = self._pause_image()
+            self._spawn("containerd", ["containerd", "--config", str(self._containerd_config(pause))])
             self._wait("containerd", time.monotonic() + 60, lambda: self.ctr("version").returncode == 0)
-            self.import_image(self._pause_image())
+            self.import_image(pause)
             _make_cgroup_root()
             self._spawn("kubelet", [str(self.bin_dir / "kubelet"), *self._kubelet_args()])
             self._wait("kubelet", time.monotonic() + timeout, self._node_ready, "Ready")
@@ -206,7 +197,7 @@ class RealNode:
         }
         (conf_dir / "10-lmi.conflist").write_text(json.dumps(conf, indent=2))
 
-    def _containerd_config(self) -> Path:
+    def _containerd_config(self, pause: Image) -> Path:
         state = self.workdir / "containerd"
         state.mkdir(parents=True, exist_ok=True)
         cri = 'plugins."io.containerd.grpc.v1.cri"'
@@ -218,7 +209,7 @@ state = "{state / "state"}"
 [ttrpc]
   address = "{self.socket}.ttrpc"
 [{cri}]
-  sandbox_image = "{self._pause_image().reference}"
+  sandbox_image = "{pause.reference}"
   # Root here lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj below the parent's.
   restrict_oom_score_adj = true
   disable_apparmor = true
