@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The pinned tools' folder, found (or built, printing progress) when a recipe first needs it.
 TOOLS_BIN = $$(bash tools/build-tools.sh | tail -n 1)
 
-.PHONY: help tools tools-path setup node-deps image-cpu lint typecheck unit test demo cluster-up \
+.PHONY: help tools tools-path setup node-deps images lint typecheck unit test demo cluster-up \
         cluster-down crds docs generate engine-args lock bench-operator bench-runtime
 
 help: ## list the targets
@@ -24,8 +24,8 @@ setup: ## create .venv with the project, the test tools and vLLM for CPU
 node-deps: ## install the real node's Debian packages (containerd, runc, CNI plugins, debootstrap) if missing
 	@bash tools/node-deps.sh
 
-image-cpu: setup node-deps ## build the runtime's CPU image from runtime/Dockerfile.cpu (layers cached outside the clone)
-	@$(PY) -m lmi_operator.testing image-cpu
+images: setup node-deps ## build the operator image and the runtime's CPU image (operator/Dockerfile, runtime/Dockerfile.cpu; layers cached outside the clone)
+	@$(PY) -m lmi_operator.testing images
 
 lint: setup ## ruff lint and format check
 	$(VENV)/bin/ruff check .
@@ -34,13 +34,13 @@ lint: setup ## ruff lint and format check
 typecheck: setup ## strict mypy over both packages
 	$(VENV)/bin/mypy
 
-test: setup tools image-cpu lint typecheck ## everything: lint, types, and all tests on the real control plane, real node and vLLM
+test: setup tools images lint typecheck ## everything: lint, types, and all tests on the real control plane, real node and vLLM
 	LMI_TOOLS_BIN=$(TOOLS_BIN) $(VENV)/bin/pytest -ra -m "not slow" $(PYTEST_ARGS)
 	@# The fault tests (SIGKILL, control-plane restarts, two replicas) time recoveries: they run
 	@# after the rest, on their own cluster, once the main session's cluster and operator are gone.
 	LMI_TOOLS_BIN=$(TOOLS_BIN) $(VENV)/bin/pytest -ra -m slow $(PYTEST_ARGS)
 
-demo: setup tools image-cpu ## the main job on the local control plane with fake GPU nodes and a real CPU node
+demo: setup tools images ## the main job on the local control plane with fake GPU nodes and a real CPU node
 	LMI_TOOLS_BIN=$(TOOLS_BIN) $(PY) -m lmi_operator.demo
 
 cluster-up: setup tools ## start the local control plane in the background and print its KUBECONFIG

@@ -17,20 +17,17 @@ import httpx
 import pytest
 
 from lmi_operator.settings import OperatorSettings
-from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster, tools_bin_dir
+from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster
 from lmi_operator.testing.node import NODE_NAME, RealNode, node_selector, tolerations
 from lmi_operator.testing.operator import OperatorThread
-from lmi_operator.testing.runtime_image import build_model_image, cpu_model
-from lmi_operator.testing.tiny_model import build_adapter, build_model
-from tests.conftest import fresh_namespace, progress_shown
+from lmi_operator.testing.product_images import cpu_model
+from tests.conftest import ADAPTER_PATH, MODEL_PATH, fresh_namespace
 from tests.test_operator import apply, condition
 from tests.test_operator import get as get_object
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.cluster, pytest.mark.vllm]
 
-MODEL_PATH = "/opt/models/tiny"
-ADAPTER_PATH = "/opt/models/adapters/a1"
 GREEDY = {"max_new_tokens": 8, "do_sample": False}
 # A vLLM start in a container on two shared cores: import, load, warm-up.
 READY_TIMEOUT = 420
@@ -47,39 +44,6 @@ async def handle(inputs):
         return Output().add_as_json({"generated_text": "HANDLER"})
     return None
 """
-
-
-@pytest.fixture(scope="module")
-def real_cluster(
-    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
-) -> Iterator[LocalCluster]:
-    """A control plane with kwok's fake GPU nodes and the real node."""
-    local = LocalCluster(tmp_path_factory.mktemp("real-node"), tools_bin_dir(), real_node=True)
-    with progress_shown(pytestconfig):
-        print("\n[e2e] starting a local cluster with the real node", flush=True)
-        local.start()
-    try:
-        yield local
-    finally:
-        local.stop()
-
-
-@pytest.fixture(scope="module")
-def node(real_cluster: LocalCluster) -> RealNode:
-    """The cluster's real node."""
-    assert real_cluster.real_node is not None
-    return real_cluster.real_node
-
-
-@pytest.fixture(scope="module")
-def model_image(node: RealNode, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> str:
-    """The runtime CPU image plus the tiny model and adapter, imported into the node."""
-    context = tmp_path_factory.mktemp("model-image")
-    build_model(context / "tiny")
-    build_adapter(context / "tiny", context / "adapters" / "a1", seed=1)
-    models = {"tiny": MODEL_PATH, "adapters": "/opt/models/adapters"}
-    with progress_shown(pytestconfig):
-        return node.import_image(build_model_image(context, models, "lmi/e2e:test"))
 
 
 @pytest.fixture(scope="module")

@@ -86,6 +86,8 @@ def test_template_with_each_ci_values_file(helm: Path, values: Path) -> None:
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]
+    # Service variables would add LMI_OPERATOR_METRICS_* settings the operator refuses to start with.
+    assert pod["enableServiceLinks"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["resources"]["requests"] and container["resources"]["limits"]

@@ -23,8 +23,9 @@ have() { for b in "$@"; do [ -x "$bin/$b" ] || return 1; done; }
 
 # k8s.io/kubernetes needs its staging modules redirected; its own replace lines only apply when it
 # is the main module, so a wrapper module repeats them with the published v0.X.Y versions.
-# The kubelet runs the real node that CPU model pods start on (docs/e2e.md).
-k8s_commands="kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet"
+# The kubelet and kube-proxy run the real node that CPU model pods start on (docs/e2e.md); kube-proxy
+# routes Services, the in-cluster operator reaching the API server through `kubernetes` among them.
+k8s_commands="kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy"
 build_kubernetes() {
   # shellcheck disable=SC2086
   have $k8s_commands && return 0

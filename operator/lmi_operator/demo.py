@@ -25,7 +25,7 @@ import yaml
 from lmi_operator.testing.cluster import REPO_ROOT, ClusterError, LocalCluster, free_port, tools_bin_dir
 from lmi_operator.testing.images import ImageBuildError
 from lmi_operator.testing.node import NodeError, RealNode
-from lmi_operator.testing.runtime_image import build_model_image, cpu_model
+from lmi_operator.testing.product_images import build_model_image, cpu_model
 
 NAMESPACE = "lmi-demo"
 EXAMPLES = ("llama-3-8b.yaml", "mistral-7b.yaml", "gpt-neox-20b.yaml", "lora.yaml", "autoscaling.yaml")

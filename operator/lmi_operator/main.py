@@ -80,6 +80,10 @@ async def run_operator(
                     registry=registry,
                     settings=kopf_settings,
                     standalone=True,
+                    # kopf would derive it from the user name, which a container's arbitrary UID
+                    # (the chart's 65532, OpenShift's random ones) does not have: getpwuid fails.
+                    # kopf types it as a NewType of str that its package does not export.
+                    identity=settings.identity,  # type: ignore[arg-type]
                     clusterwide=not settings.namespaces,
                     namespaces=settings.namespaces,
                     stop_flag=kopf_stop,

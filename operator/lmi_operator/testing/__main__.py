@@ -1,5 +1,5 @@
-"""`python -m lmi_operator.testing up|down|status|image-cpu`: the local control plane for people (make
-cluster-up), and the runtime's CPU image that its real node runs (make image-cpu)."""
+"""`python -m lmi_operator.testing up|down|status|images`: the local control plane for people (make
+cluster-up), and the operator and runtime CPU images that its real node runs (make images)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lmi_operator.testing.cluster import ClusterError, LocalCluster, tools_bin_dir
 from lmi_operator.testing.images import ImageBuilder, ImageBuildError
-from lmi_operator.testing.runtime_image import build_runtime_cpu_image
+from lmi_operator.testing.product_images import build_operator_image, build_runtime_cpu_image
 
 DEFAULT_DIR = Path(os.environ.get("LMI_CLUSTER_DIR", Path(tempfile.gettempdir()) / "lmi-operator-cluster"))
 
@@ -20,19 +20,23 @@ DEFAULT_DIR = Path(os.environ.get("LMI_CLUSTER_DIR", Path(tempfile.gettempdir())
 def main(argv: list[str] | None = None) -> int:
     """Bring the local cluster up (detached), tear it down, or show what runs."""
     parser = argparse.ArgumentParser(prog="python -m lmi_operator.testing", description=__doc__)
-    parser.add_argument("action", choices=["up", "down", "status", "image-cpu"])
+    parser.add_argument("action", choices=["up", "down", "status", "images"])
     parser.add_argument(
         "--dir", type=Path, default=DEFAULT_DIR, help=f"cluster folder (default {DEFAULT_DIR})"
     )
     args = parser.parse_args(argv)
-    if args.action == "image-cpu":
-        started = time.monotonic()
-        try:
-            image = build_runtime_cpu_image()
-        except ImageBuildError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        print(f"runtime CPU image {image.reference} ready in {time.monotonic() - started:.1f}s")
+    if args.action == "images":
+        for what, build in (
+            ("operator image", build_operator_image),
+            ("runtime CPU image", build_runtime_cpu_image),
+        ):
+            started = time.monotonic()
+            try:
+                image = build()
+            except ImageBuildError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+            print(f"{what} {image.reference} ready in {time.monotonic() - started:.1f}s")
         if removed := ImageBuilder().prune():
             print(f"removed {len(removed)} cached layers no built image uses")
         return 0

@@ -12,10 +12,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from lmi_operator.testing.node import NODE_IP
+
 # The apiserver's serving certificate must also be valid for the in-cluster names, so that a
 # kubeconfig built from a ServiceAccount token (Helm tests) can talk to it too.
 _SERVING_DNS = ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
-_SERVING_IPS = ("127.0.0.1", "10.96.0.1")
+# NODE_IP: the real node's bridge gateway, where its pods reach the API server.
+_SERVING_IPS = ("127.0.0.1", "10.96.0.1", NODE_IP)
 
 
 @dataclass(frozen=True)

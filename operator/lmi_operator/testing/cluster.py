@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from lmi_operator.testing.certs import CertPaths, write_pki
-from lmi_operator.testing.node import RealNode
+from lmi_operator.testing.node import NODE_IP, RealNode
 from lmi_operator.testing.nodes import DEFAULT_NODES, FakeNode
 from lmi_operator.testing.processes import die_with_parent, free_port
 
@@ -30,6 +30,17 @@ __all__ = ["REPO_ROOT", "ClusterError", "LocalCluster", "free_port", "tools_bin_
 REPO_ROOT = Path(__file__).resolve().parents[3]
 # Stages beside kwok's stock ones: what a kubelet does that they don't, and the fault states tests use.
 REPO_STAGES = tuple(sorted((REPO_ROOT / "tools" / "kwok").glob("*.yaml")))
+# With a real node: ServiceAccounts' requests at Metadata level (who, what, the answer's code) once
+# answered; nothing else (the components' and the tests' own requests would drown them).
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+        {"level": "None"},
+    ],
+}
 
 
 class ClusterError(RuntimeError):
@@ -89,6 +100,7 @@ class LocalCluster:
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.kubeconfig = workdir / "kubeconfig"
         self.logs = workdir / "logs"
+        self.audit_log = self.logs / "audit.log"
         self._state = workdir / "state.json"
 
     # -- public API ---------------------------------------------------------------------------
@@ -274,7 +286,7 @@ class LocalCluster:
     def _apiserver_args(self, pki: CertPaths, p: Ports) -> list[str]:
         return [
             f"--etcd-servers=http://127.0.0.1:{p.etcd_client}",
-            "--bind-address=127.0.0.1",
+            *self._apiserver_address_args(),
             f"--secure-port={p.apiserver}",
             f"--tls-cert-file={pki.admin_cert}",
             f"--tls-private-key-file={pki.admin_key}",
@@ -291,6 +303,24 @@ class LocalCluster:
             "--allow-privileged=true",
             "--profiling=false",
             "--v=1",
+        ]
+
+    def _apiserver_address_args(self) -> list[str]:
+        if self.real_node is None:
+            return ["--bind-address=127.0.0.1"]
+        # Pods on the real node reach the API server through the `kubernetes` Service, whose
+        # endpoint is the advertised address: the node's bridge gateway. The server can bind one
+        # address only, and this machine's own clients use 127.0.0.1, hence every address.
+        # Requests of ServiceAccounts (the in-cluster operator's) are audited: a test reads the
+        # log for requests its RBAC denied.
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(yaml.safe_dump(AUDIT_POLICY, sort_keys=False))
+        return [
+            "--bind-address=0.0.0.0",
+            f"--advertise-address={NODE_IP}",
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
         ]
 
     def _kcm_args(self, pki: CertPaths, p: Ports) -> list[str]:

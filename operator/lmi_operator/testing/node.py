@@ -1,5 +1,6 @@
-"""A real node for the local cluster: containerd with runc, a CNI bridge and the pinned kubelet, so
-that pods asking for no GPU (model servers on vLLM for CPU) run real containers beside kwok's nodes.
+"""A real node for the local cluster: containerd with runc, a CNI bridge, the pinned kubelet and
+kube-proxy, so that pods asking for no GPU (model servers on vLLM for CPU, the operator installed by
+its chart) run real containers beside kwok's nodes, and reach Services (the API server's among them).
 
 What runs where (docs/e2e.md): containerd keeps its content and snapshots under the image cache
 outside the clone (an imported image costs its import once per machine) and its sockets and state
@@ -20,13 +21,14 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
 from lmi_operator.testing.images import Image, ImageBuilder, image_cache_dir
-from lmi_operator.testing.processes import die_with_parent
+from lmi_operator.testing.processes import die_with_parent, free_port
 
 NODE_NAME = "cpu-node"
 # The taint and label that keep every pod off this node but those meant for it (CPU model servers).
@@ -76,6 +78,7 @@ class RealNode:
         self.store = image_cache_dir().parent / "containerd"
         self.socket = workdir / "containerd" / "containerd.sock"
         self.logs = workdir / "logs"
+        self._proxy_health = 0
         self._lock: IO[str] | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -97,6 +100,8 @@ class RealNode:
             _make_cgroup_root()
             self._spawn("kubelet", [str(self.bin_dir / "kubelet"), *self._kubelet_args()])
             self._wait("kubelet", time.monotonic() + timeout, self._node_ready, "Ready")
+            self._spawn("kube-proxy", [str(self.bin_dir / "kube-proxy"), *self._proxy_args()])
+            self._wait("kube-proxy", time.monotonic() + 60, self._proxy_synced, "done syncing Services")
         except BaseException:
             self.stop()
             raise
@@ -106,6 +111,7 @@ class RealNode:
         A node that never took the lock has nothing to stop (and must not touch another's)."""
         if self._lock is None:
             return
+        self._end("kube-proxy")
         self._end("kubelet")
         self._kill_pod_processes()
         if "containerd" in self._procs:
@@ -185,6 +191,9 @@ class RealNode:
                     "type": "bridge",
                     "bridge": BRIDGE,
                     "isGateway": True,
+                    # A default route through the bridge: Services' cluster IPs (the API server's
+                    # among them) are routed by the node, where kube-proxy translates them.
+                    "isDefaultGateway": True,
                     "ipMasq": False,
                     "hairpinMode": True,
                     "ipam": {
@@ -292,6 +301,28 @@ state = "{state / "state"}"
             "--v=1",
         ]
 
+    def _proxy_args(self) -> list[str]:
+        self._proxy_health = free_port()
+        # iptables mode: Services' cluster IPs are DNATed to pod (or API server) addresses for
+        # traffic from pods and from this machine alike.
+        return [
+            f"--kubeconfig={self.kubeconfig}",
+            f"--hostname-override={NODE_NAME}",
+            "--proxy-mode=iptables",
+            f"--cluster-cidr={SUBNET}",
+            f"--healthz-bind-address=127.0.0.1:{self._proxy_health}",
+            "--metrics-bind-address=",
+            # The machine's conntrack table and localhost routing are not this node's to change.
+            "--conntrack-max-per-core=0",
+            "--iptables-localhost-nodeports=false",
+            f"--nodeport-addresses={NODE_IP}/32",
+            "--v=1",
+        ]
+
+    def _proxy_synced(self) -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self._proxy_health}/healthz", timeout=5) as resp:
+            return bool(resp.status == 200)
+
     def _spawn(self, name: str, argv: list[str]) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         with (self.logs / f"{name}.log").open("ab") as log:
@@ -367,6 +398,8 @@ state = "{state / "state"}"
         for ns in netns.glob("cni-*") if netns.exists() else ():
             subprocess.run(["ip", "netns", "delete", ns.name], capture_output=True)
         subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True)
+        # kube-proxy's Service rules outlive it; its own clean-up removes exactly its chains.
+        subprocess.run([str(self.bin_dir / "kube-proxy"), "--cleanup"], capture_output=True)
         for ctrl in Path("/sys/fs/cgroup").iterdir():
             for group in sorted(ctrl.glob(f"{CGROUP_ROOT}/**/"), key=lambda p: len(str(p)), reverse=True):
                 with contextlib.suppress(OSError):

@@ -1,4 +1,5 @@
-"""The runtime's CPU image (runtime/Dockerfile.cpu) and the test images built on it."""
+"""The product's images, built locally with no registry: the operator image (operator/Dockerfile),
+the runtime's CPU image (runtime/Dockerfile.cpu) and the test images built on it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,15 @@ from lmi_operator.testing.node import node_selector, tolerations
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CPU_DOCKERFILE = REPO_ROOT / "runtime" / "Dockerfile.cpu"
+OPERATOR_DOCKERFILE = REPO_ROOT / "operator" / "Dockerfile"
 # The name later Dockerfiles use in FROM; pods use the content-tagged Image.reference.
 CPU_IMAGE_NAME = "lmi/lmi-runtime:cpu"
+OPERATOR_IMAGE_NAME = "lmi/lmi-operator:dev"
+
+
+def build_operator_image() -> Image:
+    """Build (or find cached) the operator image from the checkout."""
+    return ImageBuilder().build(OPERATOR_DOCKERFILE, REPO_ROOT, OPERATOR_IMAGE_NAME)
 
 
 def build_runtime_cpu_image() -> Image:
@@ -34,12 +42,11 @@ def build_model_image(context: Path, models: dict[str, str], name: str) -> Image
     return ImageBuilder().build(dockerfile, context, name)
 
 
-def cpu_model(name: str, image: str, model_id: str, **spec: Any) -> dict[str, Any]:
-    """An LMIModel for the real node: no GPU, a model baked into `image`, eager fp32 on the CPU
-    (vLLM's bf16 CPU kernels crash on this machine's AMX), 1 GiB of KV cache; `spec` adds or
-    replaces top-level spec fields."""
+def cpu_model(name: str, image: str | None, model_id: str, **spec: Any) -> dict[str, Any]:
+    """An LMIModel for the real node: no GPU, a model baked into `image` (None: the operator's
+    runtime image), eager fp32 on the CPU (vLLM's bf16 CPU kernels crash on this machine's AMX),
+    1 GiB of KV cache; `spec` adds or replaces top-level spec fields."""
     base: dict[str, Any] = {
-        "image": image,
         "model": {"id": model_id},
         "engine": {
             "tensorParallelDegree": 1,
@@ -52,6 +59,8 @@ def cpu_model(name: str, image: str, model_id: str, **spec: Any) -> dict[str, An
         "scheduling": {"nodeSelector": node_selector(), "tolerations": tolerations()},
         "startup": {"timeoutSeconds": 900},
     }
+    if image is not None:
+        base["image"] = image
     return {
         "apiVersion": "serving.lmi.dev/v1alpha1",
         "kind": "LMIModel",
