@@ -16,7 +16,7 @@ from lmi_operator.api import parse_lmimodel
 from lmi_operator.drift import contains
 from lmi_operator.kube import KubeClient, load_credentials
 from lmi_operator.reconciler import Reconciler
-from lmi_operator.render import MANAGED_SELECTOR, render
+from lmi_operator.render import MANAGED_SELECTOR, config_map_name, render
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster
 from lmi_operator.testing.operator import OperatorThread
@@ -325,8 +325,40 @@ def test_no_op_resync_writes_nothing_and_spec_is_never_written(
     )
     obj = json.loads(shown.stdout)
     managers = {(m["manager"], m.get("subresource", "")) for m in obj["metadata"]["managedFields"]}  # type: ignore[index]
-    assert ("lmi-operator", "status") in managers
-    assert all(sub == "status" for manager, sub in managers if manager == "lmi-operator")
+    assert ("lmi-operator-status", "status") in managers
+    assert all(sub == "status" for manager, sub in managers if manager.startswith("lmi-operator"))
+
+
+def test_an_option_removed_from_the_spec_leaves_the_status_and_then_nothing_is_written(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    engine = {"tensorParallelDegree": 1, "options": {"enforce_eager": "true", "seed": "7"}}
+    apply(cluster, namespace, model_doc("shrink", replicas=1, engine=engine))
+    wait_ready(cluster, namespace, "shrink")
+    shown = (get(cluster, namespace, "lmimodel", "shrink") or {})["status"]["engineOptions"]
+    assert shown["seed"] == "7" and shown["enforce_eager"] == "true"
+    apply(cluster, namespace, model_doc("shrink", replicas=1, engine={"tensorParallelDegree": 1}))
+
+    def options() -> dict[str, str] | None:
+        obj = get(cluster, namespace, "lmimodel", "shrink") or {}
+        current = obj.get("status", {}).get("observedGeneration") == obj["metadata"]["generation"]
+        found: dict[str, str] = obj.get("status", {}).get("engineOptions", {})
+        return found if current and "seed" not in found else None
+
+    assert "enforce_eager" not in eventually(options, what="the removed options gone from the status")
+    assert_a_resync_writes_nothing(cluster, operator, namespace, "shrink")
+
+
+def assert_a_resync_writes_nothing(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str, name: str
+) -> None:
+    """Once `name` is Ready, an event that changes nothing (a label) makes the operator write nothing."""
+    wait_ready(cluster, namespace, name)
+    time.sleep(2)
+    before = operator.writes_in(namespace)
+    cluster.kubectl("label", "lmimodel", name, "-n", namespace, "touched=1")
+    time.sleep(3)
+    assert operator.writes_in(namespace) == before
 
 
 def test_settings_from_environment_name_unknown_keys() -> None:
@@ -441,3 +473,67 @@ def test_a_relist_forgets_what_was_deleted_while_no_watch_was_open(
 
     asyncio.run(scenario())
     assert get(cluster, namespace, "service", "kept") is not None
+
+
+WAITING = {"name": "vllm:num_requests_waiting", "targetAverageValue": "4"}
+RUNNING = {"name": "vllm:num_requests_running", "targetAverageValue": "8"}
+TOLERATION = {"key": "team", "operator": "Equal", "value": "a", "effect": "NoSchedule"}
+ADAPTERS = [{"name": "sql", "source": "org/sql"}, {"name": "chat", "source": "org/chat"}]
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "kind", "gone"),
+    [
+        (
+            {"autoscaling": {"maxReplicas": 3, "metrics": [WAITING], "targetCPUUtilizationPercentage": 80}},
+            {"autoscaling": {"maxReplicas": 3, "metrics": [WAITING]}},
+            "hpa",
+            '"cpu"',
+        ),
+        (
+            {"autoscaling": {"maxReplicas": 3, "metrics": [WAITING, RUNNING]}},
+            {"autoscaling": {"maxReplicas": 3, "metrics": [WAITING]}},
+            "hpa",
+            "vllm:num_requests_running",
+        ),
+        (
+            {"env": [{"name": "KEEP", "value": "1"}, {"name": "DROPPED", "value": "2"}]},
+            {"env": [{"name": "KEEP", "value": "1"}]},
+            "deployment",
+            "DROPPED",
+        ),
+        ({"scheduling": {"tolerations": [TOLERATION]}}, {}, "deployment", '"team"'),
+        (
+            {"engine": {"tensorParallelDegree": 1, "options": {"seed": "7"}}},
+            {"engine": {"tensorParallelDegree": 1}},
+            "configmap",
+            "option.seed",
+        ),
+        (
+            {"lora": {"enabled": True, "adapters": ADAPTERS}},
+            {"lora": {"enabled": True, "adapters": ADAPTERS[:1]}},
+            "deployment",
+            "org/chat",
+        ),
+    ],
+    ids=["hpa-cpu", "hpa-metric", "env", "toleration", "option", "adapter"],
+)
+def test_a_removal_from_the_spec_reaches_the_child_and_a_resync_then_writes_nothing(
+    cluster: LocalCluster,
+    operator: OperatorThread,
+    namespace: str,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    kind: str,
+    gone: str,
+) -> None:
+    child = config_map_name("removal") if kind == "configmap" else "removal"
+    apply(cluster, namespace, model_doc("removal", **before))
+    wait_ready(cluster, namespace, "removal")
+    assert gone in json.dumps(get(cluster, namespace, kind, child))
+    apply(cluster, namespace, model_doc("removal", **after))
+    eventually(
+        lambda: gone not in json.dumps(get(cluster, namespace, kind, child)),
+        what=f"{gone} removed from the {kind}",
+    )
+    assert_a_resync_writes_nothing(cluster, operator, namespace, "removal")

@@ -16,6 +16,7 @@ from lmi_operator.api import parse_lmimodel
 from lmi_operator.drift import contains
 from lmi_operator.engine_options import check_options
 from lmi_operator.properties import serving_properties
+from lmi_operator.reconciler import removals
 from lmi_operator.render import CONFIG_HASH, desired_replicas, render
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.status import Observed, build_status, conditions_for
@@ -208,6 +209,28 @@ def test_available_and_rollout_conditions() -> None:
         deployment_generation=5,
     )
     assert reasons(touched)["Ready"] == ("True", "Available")
+
+
+def test_a_spec_not_yet_applied_is_never_ready() -> None:
+    # The status worker can run before the children worker after a spec change: the live Deployment,
+    # fully rolled out, still carries the previous generation's pod template.
+    rolled_out = observed().deployment
+    assert rolled_out is not None
+    old = {**rolled_out, "spec": {"template": {"metadata": {"annotations": {CONFIG_HASH: "old"}}}}}
+    stale = observed(deployment=old, config_hash="new")
+    assert reasons(stale)["Ready"] == ("False", "Applying")
+    assert reasons(stale)["Reconciling"] == ("True", "Applying")
+    ready_c = next(c for c in conditions_for(stale) if c["type"] == "Ready")
+    assert ready_c["message"] == "applying generation 2 to the Deployment"
+    assert reasons(observed(deployment=old, config_hash="old"))["Ready"] == ("True", "Available")
+
+
+def test_removals_delete_what_the_wanted_status_lacks() -> None:
+    live = {"engineOptions": {"seed": "1", "model_id": "m"}, "replicas": 1, "conditions": [{"type": "A"}]}
+    wanted = {"engineOptions": {"model_id": "m"}, "replicas": 1, "conditions": [{"type": "A"}]}
+    assert removals(live, wanted) == {"engineOptions": {"seed": None}}
+    assert removals(wanted, wanted) is None
+    assert removals({"conditions": [{"type": "A"}, {"type": "B"}]}, wanted) == {"conditions": [{"type": "A"}]}
 
 
 NOT_READY = {

@@ -66,7 +66,8 @@ def contains(live: Any, desired: Any) -> bool:
         if not isinstance(live, list):
             return False
         keys = [_key(d) for d in desired]
-        if all(k is not None for k in keys):
+        # Keys must tell the items apart: two HPA metrics of one `type` are compared in order.
+        if all(k is not None for k in keys) and len(set(keys)) == len(keys):
             by_key = {_key(item): item for item in live}
             return all(k in by_key and contains(by_key[k], d) for k, d in zip(keys, desired, strict=True))
         return len(live) == len(desired) and all(contains(a, b) for a, b in zip(live, desired, strict=True))

@@ -25,6 +25,8 @@ from lmi_operator import metrics
 from lmi_operator.api import API_VERSION, KIND, PLURAL
 
 FIELD_MANAGER = "lmi-operator"
+# Status has a manager of its own: its apply owns the whole status and nothing of the children.
+STATUS_FIELD_MANAGER = "lmi-operator-status"
 USER_AGENT = "lmi-operator/0.1.0"
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -237,6 +239,15 @@ class KubeClient:
             "PATCH", path, body=obj, params=params, content_type="application/apply-patch+yaml"
         )
 
+    async def apply_status(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply of `obj`'s status subresource as the status field manager."""
+        meta = obj["metadata"]
+        path = object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]) + "/status"
+        params = {"fieldManager": STATUS_FIELD_MANAGER, "force": "true"}
+        return await self.request(
+            "PATCH", path, body=obj, params=params, content_type="application/apply-patch+yaml"
+        )
+
     async def get(self, path: str) -> dict[str, Any] | None:
         """GET one object; None when it does not exist."""
         try:
@@ -252,7 +263,7 @@ class KubeClient:
         return items
 
     async def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        """A JSON merge patch (used for the status subresource, which the operator alone writes)."""
+        """A JSON merge patch (on the status subresource: what an apply cannot remove)."""
         return await self.request(
             "PATCH",
             path,

@@ -22,6 +22,8 @@ from lmi_operator.kube import ApiError, KubeClient, object_path
 from lmi_operator.properties import lmi_options
 from lmi_operator.relist import RelistDetector
 from lmi_operator.render import (
+    APPLIED_HASH,
+    CONFIG_HASH,
     MANAGED_SELECTOR,
     MODEL_LABEL,
     desired_replicas,
@@ -86,6 +88,36 @@ def slim(obj: Mapping[str, Any]) -> dict[str, Any]:
     return {**obj, "metadata": meta}
 
 
+def rendered_config_hash(obj: LMIModel, settings: OperatorSettings) -> str:
+    """The config hash on the pod template of the Deployment rendered from `obj`'s spec."""
+    deployment = next(d for d in render(obj, settings).objects if d["kind"] == "Deployment")
+    return str(deployment["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH])
+
+
+def drifted(live: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
+    """Whether `desired` must be applied: the child is missing, was applied from another rendering
+    (its hash annotation differs: fields were added or removed), or was edited by hand since."""
+    if live is None:
+        return True
+    applied = live.get("metadata", {}).get("annotations", {}).get(APPLIED_HASH)
+    return applied != desired["metadata"]["annotations"][APPLIED_HASH] or not contains(live, desired)
+
+
+def removals(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A merge patch that deletes the map keys `live` has and `wanted` lacks (None when there are
+    none); lists and values are compared whole and set to `wanted`'s."""
+    patch: dict[str, Any] = {}
+    for k, v in live.items():
+        if k not in wanted:
+            patch[k] = None
+        elif isinstance(v, Mapping) and isinstance(wanted[k], Mapping):
+            if (inner := removals(v, wanted[k])) is not None:
+                patch[k] = inner
+        elif v != wanted[k]:
+            patch[k] = wanted[k]
+    return patch or None
+
+
 def _key_of(obj: Mapping[str, Any]) -> Key:
     meta = obj["metadata"]
     return meta.get("namespace", ""), meta["name"]
@@ -144,6 +176,14 @@ class Reconciler:
     def _state(self, key: Key) -> ModelState:
         return self.state.setdefault(key, ModelState())
 
+    def _forget_if_gone(self, key: Key) -> bool:
+        """Drop a model's state once it and everything it owned are gone (memory under churn)."""
+        st = self.state.get(key)
+        if st is None or st.model is not None or st.children or st.pods:
+            return False
+        del self.state[key]
+        return True
+
     def observe_model(self, obj: dict[str, Any], deleted: bool, listed: bool = False) -> None:
         """An LMIModel was added, changed or deleted (`listed`: seen in a listing, not a watch)."""
         self.relists.observe(KIND, listed)
@@ -152,8 +192,7 @@ class Reconciler:
         if deleted:
             st.model = None
             self._track(key, None)
-            if not st.children and not st.pods:
-                self.state.pop(key, None)
+            self._forget_if_gone(key)
             return
         if st.model is None or _rv(obj) >= _rv(st.model):
             st.model = slim(obj)
@@ -169,6 +208,8 @@ class Reconciler:
         kind = obj["kind"]
         if deleted:
             st.children.pop(kind, None)
+            if self._forget_if_gone(key):
+                return
         elif kind not in st.children or _rv(obj) >= _rv(st.children[kind]):
             st.children[kind] = slim(obj)
         self.queue.add(key)
@@ -183,6 +224,8 @@ class Reconciler:
         name = obj["metadata"]["name"]
         if deleted:
             st.pods.pop(name, None)
+            if self._forget_if_gone(key):
+                return
         else:
             # Only the pod's name, labels and status decide anything: keep just those.
             st.pods[name] = {"metadata": slim(obj)["metadata"], "status": obj.get("status", {})}
@@ -278,11 +321,7 @@ class Reconciler:
         await self._read_missing(
             key, st, [(d["apiVersion"], d["kind"], d["metadata"]["name"]) for d in rendered.objects]
         )
-        stale = [
-            d
-            for d in rendered.objects
-            if (live := st.children.get(d["kind"])) is None or not contains(live, d)
-        ]
+        stale = [d for d in rendered.objects if drifted(st.children.get(d["kind"]), d)]
         # Independent objects: apply them together (a pod waits for its ConfigMap by itself).
         results = await asyncio.gather(*(self.client.apply(d) for d in stale), return_exceptions=True)
         st.apply_error = None
@@ -364,7 +403,9 @@ class Reconciler:
         st = self._state(key)
         spec = body.get("spec", {})
         deployment = st.children.get("Deployment")
+        config_hash = None
         if obj is not None:
+            config_hash = rendered_config_hash(obj, self.settings)
             desired = desired_replicas(obj.spec)
             gpus = obj.spec.resources.gpus
             gpu_resource = gpu_resource_of(obj.spec, self.settings)
@@ -388,6 +429,7 @@ class Reconciler:
             missing_secret=missing_secret,
             engine_options=options or {},
             selector=selector_string(selector_of(key[1])),
+            config_hash=config_hash,
         )
 
     @staticmethod
@@ -402,13 +444,21 @@ class Reconciler:
         if status == previous:
             return
         path = object_path(API_VERSION, KIND, key[0], key[1]) + "/status"
+        applied = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": key[1], "namespace": key[0]}}
         try:
-            updated = await self.client.merge_patch(path, {"status": status})
+            # The whole status by server-side apply: what this manager applied before and leaves out
+            # now (an option removed from the spec) is removed.
+            updated = await self.client.apply_status(applied | {"status": status})
+            metrics.API_WRITES.labels("LMIModelStatus").inc()
+            if (leftover := removals(updated.get("status") or {}, status)) is not None:
+                # Keys another manager owns stay under an apply: those an older operator wrote by
+                # merge patch. Once removed here, they are gone for good.
+                updated = await self.client.merge_patch(path, {"status": leftover})
+                metrics.API_WRITES.labels("LMIModelStatus").inc()
         except ApiError as err:
             if err.status == 404:
                 return
             raise
-        metrics.API_WRITES.labels("LMIModelStatus").inc()
         if st.model is None or _rv(updated) >= _rv(st.model):
             st.model = slim(updated)
         await self._record_transitions(key, body, previous, status)

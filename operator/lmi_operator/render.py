@@ -20,6 +20,9 @@ from lmi_runtime.options import ADAPTERS_ENV, HANDLER_FILE, MODEL_DIR, PORT, PRO
 CACHE_DIR = "/opt/ml/cache"
 MODEL_LABEL = "serving.lmi.dev/model"
 CONFIG_HASH = "serving.lmi.dev/config-hash"
+# On every child: a digest of the whole object as rendered. A spec change that only removes fields
+# (an option, an env var, an HPA metric) changes it, so the child is applied and the removal lands.
+APPLIED_HASH = "serving.lmi.dev/applied-hash"
 MANAGED_BY = "lmi-operator"
 # The label selector of everything the operator creates (its watches are filtered by it).
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
@@ -391,6 +394,9 @@ def render(obj: LMIModel, settings: OperatorSettings) -> Rendered:
         objects.append(_pdb(obj))
     if obj.spec.autoscaling is not None:
         objects.append(_hpa(obj))
+    for child in objects:
+        annotations = child["metadata"].setdefault("annotations", {})
+        annotations[APPLIED_HASH] = config_hash(child)
     return Rendered(objects=tuple(objects), selector=selector_of(name), options=lmi_options(obj.spec))
 
 

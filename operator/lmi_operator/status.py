@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmi_operator.render import CONFIG_HASH
 from lmi_runtime.errors import ERROR_PREFIX
 from lmi_runtime.options import PORT
 
@@ -26,6 +27,8 @@ CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, RECONCILING, STALLED)
 # Reasons: Ready/Progressing and the problems that put Degraded (and Stalled) to True.
 AVAILABLE = "Available"
 ROLLOUT_IN_PROGRESS = "RolloutInProgress"
+# The spec changed and the Deployment rendered from it is not live yet.
+APPLYING = "Applying"
 INSUFFICIENT_GPU = "InsufficientGPU"
 IMAGE_PULL_FAILED = "ImagePullFailed"
 CRASH_LOOP = "CrashLoop"
@@ -78,6 +81,9 @@ class Observed:
     free_gpus_by_node: Mapping[str, int] | None = None
     engine_options: Mapping[str, str] = field(default_factory=dict)
     selector: str = ""
+    # The config hash of the Deployment rendered from this generation's spec: until the live
+    # Deployment's pod template carries it, this generation is not applied and cannot be Ready.
+    config_hash: str | None = None
     now: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
 
 
@@ -176,11 +182,19 @@ def pod_problem(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
     return None
 
 
+def spec_applied(obs: Observed) -> bool:
+    """Whether the live Deployment's pod template is the one rendered from this generation."""
+    if obs.deployment is None or obs.config_hash is None:
+        return obs.deployment is not None
+    template = obs.deployment.get("spec", {}).get("template", {}).get("metadata", {})
+    return bool(template.get("annotations", {}).get(CONFIG_HASH) == obs.config_hash)
+
+
 def _deployment_numbers(obs: Observed) -> tuple[int, int, int, int, bool]:
     dep = obs.deployment or {}
     st = dep.get("status", {})
     needed = obs.deployment_generation or dep.get("metadata", {}).get("generation", 1)
-    current = st.get("observedGeneration", 0) >= needed
+    current = st.get("observedGeneration", 0) >= needed and spec_applied(obs)
     return (
         int(st.get("replicas", 0)),
         int(st.get("readyReplicas", 0)),
@@ -216,10 +230,13 @@ def conditions_for(obs: Observed) -> list[dict[str, str]]:
     applied = problem is None or problem.reason != INVALID_SPEC
     serving = applied and rolled_out and available >= desired and ready >= desired
 
+    progress_reason = ROLLOUT_IN_PROGRESS
     if problem is not None and problem.reason == INVALID_SPEC:
         progress_msg = "spec not applied: fix the spec"
     elif obs.deployment is None:
         progress_msg = "creating the Deployment"
+    elif not spec_applied(obs):
+        progress_reason, progress_msg = APPLYING, f"applying generation {obs.generation} to the Deployment"
     else:
         progress_msg = f"{updated}/{desired} replicas updated, {available}/{desired} available" + (
             f", {replicas - updated} old replicas terminating" if replicas > updated else ""
@@ -230,13 +247,13 @@ def conditions_for(obs: Observed) -> list[dict[str, str]]:
     elif problem is not None:
         ready_c = _condition(READY, False, problem.reason, problem.message)
     else:
-        ready_c = _condition(READY, False, ROLLOUT_IN_PROGRESS, progress_msg)
+        ready_c = _condition(READY, False, progress_reason, progress_msg)
 
     progressing = not serving and problem is None
     progressing_c = _condition(
         PROGRESSING,
         progressing,
-        ROLLOUT_IN_PROGRESS if progressing else (problem.reason if problem else AVAILABLE),
+        progress_reason if progressing else (problem.reason if problem else AVAILABLE),
         progress_msg if progressing else (problem.message if problem else "rollout complete"),
     )
     degraded_c = _condition(
