@@ -537,3 +537,21 @@ def test_a_removal_from_the_spec_reaches_the_child_and_a_resync_then_writes_noth
         what=f"{gone} removed from the {kind}",
     )
     assert_a_resync_writes_nothing(cluster, operator, namespace, "removal")
+
+
+def test_lists_are_read_page_by_page(cluster: LocalCluster, namespace: str) -> None:
+    for i in range(5):
+        cluster.kubectl("create", "configmap", f"page-{i}", "-n", namespace)
+
+    async def listed() -> tuple[list[str], int]:
+        client = KubeClient(load_credentials(str(cluster.kubeconfig)))
+        try:
+            items = await client.list(f"/api/v1/namespaces/{namespace}/configmaps", page_size=2)
+            return sorted(i["metadata"]["name"] for i in items), client.requests["GET"]
+        finally:
+            await client.close()
+
+    names, requests = asyncio.run(listed())
+    assert [n for n in names if n.startswith("page-")] == [f"page-{i}" for i in range(5)]
+    # 5 ConfigMaps and the namespace's kube-root-ca.crt, two per page.
+    assert requests == 3, names

@@ -8,13 +8,16 @@ import datetime
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lmi_operator import kube
 from lmi_operator.api import parse_lmimodel
 from lmi_operator.drift import contains
 from lmi_operator.engine_options import check_options
+from lmi_operator.kube import load_credentials
 from lmi_operator.properties import serving_properties
 from lmi_operator.reconciler import removals
 from lmi_operator.render import CONFIG_HASH, desired_replicas, render
@@ -481,3 +484,18 @@ def test_liveness_is_ok_on_standby_and_fails_when_the_queue_stalls() -> None:
     reconciler.last_progress -= 60
     status, body = health.check()
     assert status == 500 and "no reconcile finished for 60s" in str(body["error"])
+
+
+def test_in_cluster_credentials_bracket_an_ipv6_service_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, text in (("ca.crt", "ca"), ("token", "t0ken\n"), ("namespace", "ops")):
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(kube, "SA_DIR", tmp_path)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00:10:96::1")
+    creds = load_credentials()
+    assert (creds.server, creds.bearer(), creds.namespace) == ("https://[fd00:10:96::1]:443", "t0ken", "ops")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    assert load_credentials().server == "https://10.96.0.1:443"

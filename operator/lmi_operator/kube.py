@@ -28,6 +28,8 @@ FIELD_MANAGER = "lmi-operator"
 # Status has a manager of its own: its apply owns the whole status and nothing of the children.
 STATUS_FIELD_MANAGER = "lmi-operator-status"
 USER_AGENT = "lmi-operator/0.1.0"
+# Items per page of a list (client-go's pager uses 500).
+LIST_PAGE_SIZE = 500
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 # The kinds the operator manages or reads: (apiVersion, kind) -> plural.
@@ -104,7 +106,8 @@ def load_credentials(kubeconfig: str | None = None) -> Credentials:
     if not Path(path).exists() and os.environ.get("KUBERNETES_SERVICE_HOST"):
         host, port = os.environ["KUBERNETES_SERVICE_HOST"], os.environ.get("KUBERNETES_SERVICE_PORT", "443")
         return Credentials(
-            server=f"https://{host}:{port}",
+            # An IPv6 address (an IPv6-only cluster's Service IP) is bracketed in a URL.
+            server=f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}",
             ca_data=(SA_DIR / "ca.crt").read_bytes(),
             token_path=SA_DIR / "token",
             namespace=(SA_DIR / "namespace").read_text().strip(),
@@ -257,10 +260,17 @@ class KubeClient:
                 return None
             raise
 
-    async def list(self, path: str, **params: str) -> list[dict[str, Any]]:
-        """GET a collection and return its items."""
-        items: list[dict[str, Any]] = (await self.request("GET", path, params=params)).get("items", [])
-        return items
+    async def list(self, path: str, page_size: int = LIST_PAGE_SIZE, **params: str) -> list[dict[str, Any]]:
+        """GET a collection page by page (limit/continue) and return all its items: one answer for a
+        whole cluster's pods would be as large as the cluster."""
+        items: list[dict[str, Any]] = []
+        query = {**params, "limit": str(page_size)}
+        while True:
+            page = await self.request("GET", path, params=query)
+            items += page.get("items", [])
+            if not (token := page.get("metadata", {}).get("continue")):
+                return items
+            query["continue"] = token
 
     async def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         """A JSON merge patch (on the status subresource: what an apply cannot remove)."""
