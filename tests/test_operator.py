@@ -14,6 +14,7 @@ import yaml
 
 from lmi_operator.api import parse_lmimodel
 from lmi_operator.drift import contains
+from lmi_operator.events import EventRecorder, Subject
 from lmi_operator.kube import KubeClient, load_credentials
 from lmi_operator.reconciler import Reconciler
 from lmi_operator.render import MANAGED_SELECTOR, config_map_name, render
@@ -555,3 +556,51 @@ def test_lists_are_read_page_by_page(cluster: LocalCluster, namespace: str) -> N
     assert [n for n in names if n.startswith("page-")] == [f"page-{i}" for i in range(5)]
     # 5 ConfigMaps and the namespace's kube-root-ca.crt, two per page.
     assert requests == 3, names
+
+
+def test_a_repeated_event_is_counted_on_the_event_recorded_before(
+    cluster: LocalCluster, namespace: str
+) -> None:
+    subject = Subject(namespace, "flappy", None)
+
+    def events() -> dict[str, dict[str, Any]]:
+        out = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+        items = [e for e in json.loads(out)["items"] if e["involvedObject"]["name"] == "flappy"]
+        assert len({e["reason"] for e in items}) == len(items), items
+        return {e["reason"]: e for e in items}
+
+    async def record(*occurrences: tuple[str, bool]) -> None:
+        client = KubeClient(load_credentials(str(cluster.kubeconfig)))
+        try:
+            recorder = EventRecorder(client)
+            for reason, normal in occurrences:
+                await recorder.record(subject, reason, f"{reason} happened", normal)
+            # An Event that expired (deleted) while remembered is created anew.
+            name = events()["CrashLoop"]["metadata"]["name"]
+            cluster.kubectl("delete", "event", name, "-n", namespace)
+            await recorder.record(subject, "CrashLoop", "CrashLoop happened", False)
+        finally:
+            await client.close()
+
+    asyncio.run(record(("CrashLoop", False), ("CrashLoop", False), ("Available", True), ("CrashLoop", False)))
+    found = events()
+    assert {reason: e["count"] for reason, e in found.items()} == {"CrashLoop": 1, "Available": 1}
+    assert found["Available"]["type"] == "Normal" and found["CrashLoop"]["type"] == "Warning"
+
+
+def test_events_are_aggregated_before_expiry(cluster: LocalCluster, namespace: str) -> None:
+    subject = Subject(namespace, "steady-flapper", None)
+
+    async def record() -> None:
+        client = KubeClient(load_credentials(str(cluster.kubeconfig)))
+        try:
+            recorder = EventRecorder(client)
+            for _ in range(3):
+                await recorder.record(subject, "CrashLoop", "pod p: exit 1", False)
+        finally:
+            await client.close()
+
+    asyncio.run(record())
+    out = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    (event,) = [e for e in json.loads(out)["items"] if e["involvedObject"]["name"] == "steady-flapper"]
+    assert event["count"] == 3 and event["lastTimestamp"] >= event["firstTimestamp"]

@@ -18,6 +18,7 @@ from lmi_operator import metrics
 from lmi_operator.api import API_VERSION, KIND, InvalidLMIModel, LMIModel, parse_lmimodel
 from lmi_operator.drift import contains
 from lmi_operator.engine_options import check_options
+from lmi_operator.events import EventRecorder, Subject
 from lmi_operator.kube import ApiError, KubeClient, object_path
 from lmi_operator.properties import lmi_options
 from lmi_operator.relist import RelistDetector
@@ -160,6 +161,7 @@ class Reconciler:
     def __init__(self, client: KubeClient, settings: OperatorSettings) -> None:
         self.client = client
         self.settings = settings
+        self.events = EventRecorder(client)
         self.state: dict[Key, ModelState] = {}
         self.queue: WorkQueue[Key] = WorkQueue(self.reconcile, workers=settings.workers)
         self.status_queue: WorkQueue[Key] = WorkQueue(self.report, workers=max(2, settings.workers // 2))
@@ -486,36 +488,8 @@ class Reconciler:
                 and old.get("reason") == cond["reason"]
             ):
                 continue
-            await self._event(key, body, cond["reason"], cond["message"], cond["status"] == "True")
-
-    async def _event(
-        self, key: Key, body: Mapping[str, Any], reason: str, message: str, normal: bool
-    ) -> None:
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{key[1]}.", "namespace": key[0]},
-            "involvedObject": {
-                "apiVersion": API_VERSION,
-                "kind": KIND,
-                "name": key[1],
-                "namespace": key[0],
-                "uid": body["metadata"].get("uid"),
-            },
-            "reason": reason,
-            "message": message[:1024],
-            "type": "Normal" if normal else "Warning",
-            "source": {"component": "lmi-operator"},
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        try:
-            await self.client.request("POST", object_path("v1", "Event", key[0]), body=event)
-            metrics.API_WRITES.labels("Event").inc()
-        except ApiError as err:  # an event is a courtesy: never fail a reconcile for it
-            log.warning("could not record event %s on %s/%s: %s", reason, *key, err)
+            subject = Subject(key[0], key[1], body["metadata"].get("uid"))
+            await self.events.record(subject, cond["reason"], cond["message"], cond["status"] == "True")
 
     async def _delete(self, api_version: str, kind: str, key: Key) -> None:
         try:

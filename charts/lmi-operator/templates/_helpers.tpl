@@ -87,5 +87,5 @@ is needed). Secrets: get by name only, never list or watch.
   verbs: ["get"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "patch"]
 {{- end }}
