@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -87,6 +88,22 @@ def start_operator(
     proc = OperatorProcess(cluster.kubeconfig, log, identity, env).start()
     processes.append(proc)
     return proc
+
+
+def start_pair(
+    cluster: LocalCluster, processes: list[OperatorProcess], namespace: str, prefix: str, duration: int
+) -> tuple[OperatorProcess, OperatorProcess, str]:
+    """Two replicas on a new Lease of `duration` seconds: `<prefix>-a` leads (started and ready
+    first), `<prefix>-b` stands by."""
+    lease = f"lmi-{uuid.uuid4().hex[:6]}"
+    a = start_operator(
+        cluster, processes, namespace, f"{prefix}-a", lease, lease_duration_seconds=str(duration)
+    )
+    a.wait_ready()
+    b = start_operator(
+        cluster, processes, namespace, f"{prefix}-b", lease, lease_duration_seconds=str(duration)
+    )
+    return a, b, lease
 
 
 def model(name: str, replicas: int = 0) -> dict[str, Any]:
@@ -385,14 +402,7 @@ def test_two_replicas_one_acts_and_a_killed_leader_hands_over(
     fault_cluster: LocalCluster, fault_ns: str, processes: list[OperatorProcess]
 ) -> None:
     duration = 5
-    lease = f"lmi-{uuid.uuid4().hex[:6]}"
-    a = start_operator(
-        fault_cluster, processes, fault_ns, "replica-a", lease, lease_duration_seconds=str(duration)
-    )
-    a.wait_ready()
-    b = start_operator(
-        fault_cluster, processes, fault_ns, "replica-b", lease, lease_duration_seconds=str(duration)
-    )
+    a, b, lease = start_pair(fault_cluster, processes, fault_ns, "replica", duration)
     create(fault_cluster, fault_ns, [model(f"h{i}", replicas=1) for i in range(5)])
     eventually(
         lambda: all(
@@ -442,6 +452,61 @@ def test_two_replicas_one_acts_and_a_killed_leader_hands_over(
     assert writes_b.get("ConfigMap", 0) == 0 and writes_b.get("Service", 0) == 0, writes_b
     assert writes_b.get("Deployment", 0) == 1, writes_b
     assert "Traceback" not in b.log(), b.log()[-3000:]
+
+
+def test_a_paused_leader_stops_acting_before_the_follower_starts(
+    fault_cluster: LocalCluster, fault_ns: str, processes: list[OperatorProcess]
+) -> None:
+    """client-go's guarantee: a leader that cannot renew (here SIGSTOP, as a stalled node) stops
+    acting by its renew deadline, and the follower takes over only after the Lease stood unchanged
+    for its whole duration by the follower's own clock, so the two never act at once, and the old
+    leader, woken up, writes nothing."""
+    duration = 6
+    a, b, lease = start_pair(fault_cluster, processes, fault_ns, "pause", duration)
+    create(fault_cluster, fault_ns, [model("p0", replicas=1)])
+    eventually(
+        lambda: ready_reason(get_json(fault_cluster, "lmimodel", "p0", "-n", fault_ns)) == "Available",
+        timeout=60,
+        what="p0 Available",
+    )
+    time.sleep(3)
+    assert a.is_leader() and not b.is_leader()
+    renewed = get_json(fault_cluster, "lease", lease, "-n", fault_ns)["spec"]["renewTime"]
+    os.kill(a.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        eventually(b.is_leader, timeout=6 * duration, interval=0.1, what="pause-b to take the Lease")
+        took = time.monotonic() - stopped
+        spec = get_json(fault_cluster, "lease", lease, "-n", fault_ns)["spec"]
+        # The Lease changed hands no earlier than a whole duration after the old leader's last renewal.
+        gap = (parse_micro(spec["acquireTime"]) - parse_micro(renewed)).total_seconds()
+        assert spec["holderIdentity"] == "pause-b" and gap >= duration, (gap, spec)
+        fault_cluster.kubectl(
+            "patch", "lmimodel", "p0", "-n", fault_ns, "--type=merge", "-p", '{"spec":{"replicas":2}}'
+        )
+        eventually(
+            lambda: get_json(fault_cluster, "deployment", "p0", "-n", fault_ns)["spec"]["replicas"] == 2,
+            what="the new leader to act",
+        )
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    # Woken up past its renew deadline, the old leader steps down (exit 1) without a write.
+    eventually(lambda: not a.alive(), timeout=30, what="the old leader to exit")
+    assert "stepping down" in a.log() or "taken by another replica" in a.log(), a.log()[-3000:]
+    # Its cache still says 1 replica: a write from it would have put the Deployment back to 1.
+    time.sleep(2)
+    assert get_json(fault_cluster, "deployment", "p0", "-n", fault_ns)["spec"]["replicas"] == 2
+    assert get_json(fault_cluster, "lease", lease, "-n", fault_ns)["spec"]["holderIdentity"] == "pause-b"
+    FIGURES["paused_leader"] = {
+        "lease_duration_s": duration,
+        "takeover_s": round(took, 1),
+        "gap_s": round(gap, 1),
+    }
+
+
+def parse_micro(stamp: str) -> datetime.datetime:
+    """A Lease's MicroTime."""
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.UTC)
 
 
 # -- 4. another writer --------------------------------------------------------------------------------

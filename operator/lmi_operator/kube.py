@@ -12,7 +12,7 @@ import os
 import re
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,10 @@ class ApiError(Exception):
         self.reason = body.get("reason", "") if isinstance(body, Mapping) else ""
         self.message = body.get("message", "") if isinstance(body, Mapping) else body
         super().__init__(f"{status} {self.reason}: {self.message}")
+
+
+class NotLeading(RuntimeError):
+    """A write attempted by a replica that does not hold the Lease (or no longer may act on it)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,9 @@ class KubeClient:
         self._ssl = _ssl_context(creds)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        # With leader election: whether this replica may write now. A leader paused past its renew
+        # deadline (SIGSTOP, a stalled node) wakes up with workers mid-reconcile; they must not write.
+        self.write_guard: Callable[[], bool] | None = None
 
     async def close(self) -> None:
         """Close the HTTP session."""
@@ -209,8 +216,12 @@ class KubeClient:
         body: Any = None,
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
+        guarded: bool = True,
     ) -> dict[str, Any]:
-        """Send one request; return the decoded JSON body or raise ApiError."""
+        """Send one request; return the decoded JSON body or raise ApiError. A write is refused
+        (NotLeading) while `write_guard` says no, unless `guarded` is False (the Lease's own)."""
+        if guarded and method != "GET" and self.write_guard is not None and not self.write_guard():
+            raise NotLeading(f"{method} {path} refused: this replica does not hold the Lease")
         session = self._open()
         headers = self._headers()
         data = None

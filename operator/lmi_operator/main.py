@@ -55,7 +55,9 @@ async def run_operator(
                     name=settings.lease_name,
                     identity=settings.identity,
                     duration=settings.lease_duration_seconds,
-                    renew_every=settings.lease_duration_seconds / 3,
+                    # client-go's proportions: 15 s Lease, 10 s renew deadline, 2 s retry period.
+                    renew_deadline=settings.lease_duration_seconds * 2 / 3,
+                    retry_period=min(2.0, settings.lease_duration_seconds / 5),
                 ),
             )
             acquiring = asyncio.create_task(elector.acquire())
@@ -66,6 +68,7 @@ async def run_operator(
                 acquiring.cancel()
                 return Reconciler(client, settings)
             metrics.LEADER.set(1)
+            client.write_guard = elector.leading
 
         reconciler = Reconciler(client, settings)
         health.reconciler = reconciler
