@@ -285,3 +285,45 @@ def test_nothing_but_cpu_pods_lands_on_the_real_node(real_cluster: LocalCluster,
     # The real node matches the selector, and only its taint keeps the pod off it.
     assert scheduled["status"] == "False" and "untolerated taint" in scheduled["message"], scheduled
     real_cluster.kubectl("delete", "pod", "untolerated", "--wait=false")
+
+
+def test_a_missing_hf_token_secret_is_reported_from_the_kubelet_and_recovers(
+    real_cluster: LocalCluster, operator: OperatorThread, model_image: str, namespace: str
+) -> None:
+    """The operator reads no Secret: MissingSecret comes from the pod the kubelet could not start."""
+    doc = cpu_model("gated", model_image, MODEL_PATH)
+    doc["spec"]["model"]["hfTokenSecretRef"] = {"name": "hf-token", "key": "token"}
+    apply(real_cluster, namespace, doc)
+
+    def reported(text: str) -> dict[str, Any] | None:
+        ready = condition(get(real_cluster, namespace, "lmimodel", "gated"), "Ready")
+        return ready if ready.get("reason") == "MissingSecret" and text in ready["message"] else None
+
+    with explained(real_cluster, namespace, "gated"):
+        ready = eventually(lambda: reported('secret "hf-token" not found'), timeout=120, what="MissingSecret")
+        assert "spec.model.hfTokenSecretRef" in ready["message"], ready
+        real_cluster.kubectl(
+            "create", "secret", "generic", "hf-token", "-n", namespace, "--from-literal=tok=x"
+        )
+        eventually(lambda: reported("couldn't find key token"), timeout=120, what="the missing key named")
+        real_cluster.kubectl(
+            "patch",
+            "secret",
+            "hf-token",
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            '{"stringData":{"token":"x"}}',
+        )
+        eventually(
+            lambda: (
+                condition(get(real_cluster, namespace, "lmimodel", "gated"), "Ready").get("reason")
+                not in ("MissingSecret", None)
+            ),
+            timeout=120,
+            what="the model past MissingSecret once the key exists",
+        )
+    assert operator.reconciler is not None
+    assert not [p for _, p in operator.reconciler.client.requests_by_path if "/secrets" in p]
+    real_cluster.kubectl("delete", "lmimodel", "gated", "-n", namespace, "--wait=false")

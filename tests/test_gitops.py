@@ -46,22 +46,15 @@ CASES: dict[str, tuple[dict[str, Any], str, str, str]] = {
     "imagepull": ({"image": FAULT.format("imagepull")}, "ImagePullFailed", "Degraded", "Failed"),
     "oomkilled": ({"image": FAULT.format("oomkilled")}, "OOMKilled", "Degraded", "Failed"),
     "invalid": ({"engine": {"options": {"enforce_eagr": "true"}}}, "InvalidSpec", "Degraded", "Failed"),
-    # A Secret missing while the pods cannot serve (still loading) stalls the model...
+    # The kubelet cannot start the pods without the Secret (kwok's fault stage says so as it does).
     "no-secret": (
         {
-            "image": FAULT.format("slowstart"),
+            "image": FAULT.format("nosecret"),
             "model": {"id": "meta-llama/Llama-3.1-8B-Instruct", "hfTokenSecretRef": {"name": "absent"}},
         },
         "MissingSecret",
         "Degraded",
         "Failed",
-    ),
-    # ...while pods that serve anyway (kwok's need no token) keep it Ready, with Degraded True.
-    "serving-no-secret": (
-        {"model": {"id": "meta-llama/Llama-3.1-8B-Instruct", "hfTokenSecretRef": {"name": "absent"}}},
-        "Available",
-        "Healthy",
-        "Current",
     ),
     "too-slow": (
         {"image": FAULT.format("slowstart"), "startup": {"timeoutSeconds": 60}},

@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.vllm]
 CHART_README = REPO_ROOT / "charts" / "lmi-operator" / "README.md"
 RELEASE, NAMESPACE = "lmi-operator", "lmi-system"
 # The chart's names for this release (fullname = release name when it contains the chart's name).
-DEPLOYMENT = LEASE = SERVICE_ACCOUNT = CLUSTER_ROLE_SUFFIX = "lmi-operator"
+LEASE = SERVICE_ACCOUNT = CLUSTER_ROLE_SUFFIX = "lmi-operator"
 CLUSTER_ROLE = f"{NAMESPACE}-{CLUSTER_ROLE_SUFFIX}"
 METRICS_SERVICE = "lmi-operator-metrics"
 OPERATOR_USER = f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}"

@@ -295,21 +295,6 @@ def test_pod_failures_are_reported(
     }
 
 
-def test_missing_secret_is_reported_then_recovers(
-    cluster: LocalCluster, operator: OperatorThread, namespace: str
-) -> None:
-    doc = model_doc("gated")
-    doc["spec"]["model"]["hfTokenSecretRef"] = {"name": "hf-token", "key": "token"}
-    apply(cluster, namespace, doc)
-    # kwok starts pods without the Secret, so Ready may already be True: Degraded tells the truth.
-    obj = wait_reason(cluster, namespace, "gated", "MissingSecret", ctype="Degraded")
-    assert "Secret 'hf-token' not found" in condition(obj, "Degraded")["message"]
-    cluster.kubectl("create", "secret", "generic", "hf-token", "-n", namespace, "--from-literal=token=hf_x")
-    wait_reason(cluster, namespace, "gated", "Available", timeout=90, ctype="Degraded")
-    obj = wait_ready(cluster, namespace, "gated")
-    assert condition(obj, "Degraded")["status"] == "False"
-
-
 def test_no_op_resync_writes_nothing_and_spec_is_never_written(
     cluster: LocalCluster, operator: OperatorThread, namespace: str
 ) -> None:
@@ -406,10 +391,10 @@ def test_a_new_replica_reading_pods_before_the_deployment_rewrites_no_status(
         try:
             fresh = Reconciler(client, OperatorSettings())
             for pod in pods:
-                fresh.observe_pod(pod, deleted=False)
-            fresh.observe_model(model, deleted=False)
+                fresh.cache.observe_pod(pod, deleted=False)
+            fresh.cache.observe_model(model, deleted=False)
             await fresh.report((namespace, "steady"))
-            assert "Deployment" in fresh.state[namespace, "steady"].children
+            assert "Deployment" in fresh.cache.models[namespace, "steady"].children
         finally:
             await client.close()
 
@@ -438,11 +423,11 @@ def test_a_relist_forgets_what_was_deleted_while_no_watch_was_open(
     def relist(reconciler: Reconciler) -> None:
         # What kopf hands over from a listing: every object as an event of type None.
         for model in items("lmimodels"):
-            reconciler.observe_model(model, False, True)
+            reconciler.cache.observe_model(model, False, True)
         for child in items("configmaps,services,deployments", "-l", MANAGED_SELECTOR):
-            reconciler.observe_child(child, False, True)
+            reconciler.cache.observe_child(child, False, True)
         for pod in items("pods", "-l", MANAGED_SELECTOR):
-            reconciler.observe_pod(pod, False, True)
+            reconciler.cache.observe_pod(pod, False, True)
 
     async def scenario() -> None:
         client = KubeClient(load_credentials(str(cluster.kubeconfig)))
@@ -451,9 +436,9 @@ def test_a_relist_forgets_what_was_deleted_while_no_watch_was_open(
         try:
             relist(fresh)
             await asyncio.sleep(2)  # the first listing settles: nothing to compare it with
-            kept = fresh.state[namespace, "kept"]
+            kept = fresh.cache.models[namespace, "kept"]
             old_service = kept.children["Service"]["metadata"]["uid"]
-            assert fresh.state[namespace, "dropped"].model is not None
+            assert fresh.cache.models[namespace, "dropped"].model is not None
             # Deleted while this replica had no watch open: no event will ever tell it.
             cluster.kubectl("delete", "service", "kept", "-n", namespace)
             cluster.kubectl("delete", "lmimodel", "dropped", "-n", namespace)
@@ -461,14 +446,14 @@ def test_a_relist_forgets_what_was_deleted_while_no_watch_was_open(
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 service = kept.children.get("Service")
-                dropped = fresh.state.get((namespace, "dropped"))
+                dropped = fresh.cache.models.get((namespace, "dropped"))
                 if service and service["metadata"]["uid"] != old_service and not (dropped and dropped.model):
                     break
                 await asyncio.sleep(0.2)
             assert kept.children["Service"]["metadata"]["uid"] != old_service, (
                 "the deleted Service is still cached"
             )
-            dropped = fresh.state.get((namespace, "dropped"))
+            dropped = fresh.cache.models.get((namespace, "dropped"))
             assert dropped is None or dropped.model is None, "the deleted model is still cached"
         finally:
             workers.cancel()

@@ -15,14 +15,15 @@ import pytest
 
 from lmi_operator import kube
 from lmi_operator.api import parse_lmimodel
+from lmi_operator.cache import ModelCache, compare_versions
 from lmi_operator.drift import contains
 from lmi_operator.engine_options import check_options
 from lmi_operator.kube import load_credentials
 from lmi_operator.properties import serving_properties
-from lmi_operator.reconciler import removals
-from lmi_operator.render import CONFIG_HASH, desired_replicas, render
+from lmi_operator.render import CONFIG_HASH, MODEL_LABEL, desired_replicas, render
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.status import Observed, build_status, conditions_for
+from lmi_operator.status_report import removals
 from lmi_operator.testing.cluster import REPO_ROOT
 from lmi_operator.workqueue import WorkQueue
 
@@ -499,3 +500,43 @@ def test_in_cluster_credentials_bracket_an_ipv6_service_host(
     assert (creds.server, creds.bearer(), creds.namespace) == ("https://[fd00:10:96::1]:443", "t0ken", "ops")
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     assert load_credentials().server == "https://10.96.0.1:443"
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "order"),
+    [
+        ("9", "10", -1),  # as integers, not as strings
+        ("10", "9", 1),
+        ("123", "123", 0),
+        ("18446744073709551616", "18446744073709551615", 1),  # past 64 bits
+        ("0", "1", None),  # zero is never a live version
+        ("012", "12", None),  # leading zeros are not a version
+        ("a1", "1", None),  # an aggregated API server's own scheme
+        ("", "1", None),
+        ("\u0661", "1", None),  # a non-ASCII digit
+    ],
+)
+def test_resource_versions_compare_as_kep_5504_defines_or_not_at_all(
+    a: str, b: str, order: int | None
+) -> None:
+    assert compare_versions(a, b) == order
+
+
+def _cm(version: str, data: str) -> dict[str, Any]:
+    meta = {"name": "m-config", "namespace": "ns", "resourceVersion": version, "labels": {MODEL_LABEL: "m"}}
+    return {"kind": "ConfigMap", "metadata": meta, "data": {"v": data}}
+
+
+def test_a_writes_answer_older_than_the_watched_copy_is_dropped_unless_versions_are_opaque() -> None:
+    cache = ModelCache(
+        kube.KubeClient(kube.Credentials(server="https://127.0.0.1:1")), (), *[lambda _: None] * 3
+    )
+    cache.observe_child(_cm("20", "watched"), deleted=False)
+    key = ("ns", "m")
+    assert key in cache.models, "the child was not attributed to its model by its label"
+    cache.written(key, _cm("19", "answer"))
+    assert cache.models[key].children["ConfigMap"]["data"]["v"] == "watched"
+    cache.written(key, _cm("21", "answer"))
+    assert cache.models[key].children["ConfigMap"]["data"]["v"] == "answer"
+    cache.observe_child(_cm("x7", "opaque"), deleted=False)  # incomparable: arrival order wins
+    assert cache.models[key].children["ConfigMap"]["data"]["v"] == "opaque"

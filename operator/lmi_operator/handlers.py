@@ -72,18 +72,18 @@ def build(reconciler: Reconciler, creds: Credentials) -> tuple[kopf.OperatorRegi
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def model_event(event: Any, **_: Any) -> None:
-        reconciler.observe_model(*_object(event))
+        reconciler.cache.observe_model(*_object(event))
 
     for (group, version, plural), kind in CHILDREN.items():
 
         async def child_event(event: Any, _kind: str = kind, **_: Any) -> None:
-            reconciler.observe_child(*_object(event, _kind))
+            reconciler.cache.observe_child(*_object(event, _kind))
 
         kopf.on.event(group, version, plural, registry=registry, id=f"{plural}-event")(child_event)
 
     @kopf.on.event("", "v1", "pods", registry=registry)
     async def pod_event(event: Any, **_: Any) -> None:
-        reconciler.observe_pod(*_object(event, "Pod"))
+        reconciler.cache.observe_pod(*_object(event, "Pod"))
 
     kopf_settings = kopf.OperatorSettings()
     # Watch only our children, filtered by the API server rather than in this process.

@@ -244,22 +244,25 @@ class KubeClient:
             result: dict[str, Any] = payload if isinstance(payload, dict) else {}
             return result
 
-    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:
-        """Server-side apply `obj` (a complete manifest) as the operator's field manager."""
+    async def apply(
+        self,
+        obj: Mapping[str, Any],
+        *,
+        force: bool = True,
+        field_manager: str = FIELD_MANAGER,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        """Server-side apply `obj` (a complete manifest, or a whole `subresource` such as status)
+        as `field_manager`."""
         meta = obj["metadata"]
         path = object_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
-        params = {"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"}
+        params = {"fieldManager": field_manager, "force": "true" if force else "false"}
         return await self.request(
-            "PATCH", path, body=obj, params=params, content_type="application/apply-patch+yaml"
-        )
-
-    async def apply_status(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply of `obj`'s status subresource as the status field manager."""
-        meta = obj["metadata"]
-        path = object_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"]) + "/status"
-        params = {"fieldManager": STATUS_FIELD_MANAGER, "force": "true"}
-        return await self.request(
-            "PATCH", path, body=obj, params=params, content_type="application/apply-patch+yaml"
+            "PATCH",
+            f"{path}/{subresource}" if subresource else path,
+            body=obj,
+            params=params,
+            content_type="application/apply-patch+yaml",
         )
 
     async def get(self, path: str) -> dict[str, Any] | None:
@@ -284,7 +287,8 @@ class KubeClient:
             query["continue"] = token
 
     async def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        """A JSON merge patch (on the status subresource: what an apply cannot remove)."""
+        """A JSON merge patch of the object at `path`: for what an apply cannot do (remove keys that
+        another manager owns) and for counters (an Event's count)."""
         return await self.request(
             "PATCH",
             path,

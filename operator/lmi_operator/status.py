@@ -77,7 +77,6 @@ class Observed:
     deployment_generation: int | None = None
     pods: Sequence[Mapping[str, Any]] = ()
     invalid_spec: str | None = None
-    missing_secret: str | None = None
     free_gpus_by_node: Mapping[str, int] | None = None
     engine_options: Mapping[str, str] = field(default_factory=dict)
     selector: str = ""
@@ -155,7 +154,11 @@ def pod_problem(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
                 IMAGE_PULL_FAILED, f"pod {pod_name}: image {cs.get('image')}: {reason} {detail}".strip()
             )
         if reason == "CreateContainerConfigError" and "secret" in detail.lower():
-            return Problem(MISSING_SECRET, f"pod {pod_name}: {detail}")
+            # The kubelet's word (the operator reads no Secret): 'secret "x" not found' or
+            # "couldn't find key k in Secret ns/x".
+            return Problem(
+                MISSING_SECRET, f"pod {pod_name}: {detail} (the Secret of spec.model.hfTokenSecretRef)"
+            )
         terminated = cs.get("state", {}).get("terminated") or cs.get("lastState", {}).get("terminated") or {}
         if terminated.get("reason") == "OOMKilled":
             return Problem(
@@ -208,8 +211,6 @@ def problem_of(obs: Observed) -> Problem | None:
     """The most important reason the model cannot serve as specified, if there is one."""
     if obs.invalid_spec:
         return Problem(INVALID_SPEC, obs.invalid_spec)
-    if obs.missing_secret:
-        return Problem(MISSING_SECRET, obs.missing_secret)
     problems = [p for pod in obs.pods if (p := pod_problem(obs, pod))]
     if not problems:
         return None

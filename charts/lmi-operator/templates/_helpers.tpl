@@ -83,9 +83,6 @@ is needed). Secrets: get by name only, never list or watch.
   resources: ["pods"]
   verbs: ["list", "watch"]
 - apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
-- apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}

@@ -23,7 +23,7 @@ import yaml
 from lmi_operator.testing.certs import CertPaths, write_pki
 from lmi_operator.testing.node import NODE_IP, RealNode
 from lmi_operator.testing.nodes import DEFAULT_NODES, FakeNode
-from lmi_operator.testing.processes import die_with_parent, free_port
+from lmi_operator.testing.processes import die_with_parent, free_port, http_ok
 
 __all__ = ["REPO_ROOT", "ClusterError", "LocalCluster", "free_port", "tools_bin_dir"]
 
@@ -127,9 +127,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         try:
             self._spawn("etcd", self._etcd_args(ports), detach)
-            self._wait(
-                "etcd", deadline, lambda: self._http_ok(f"http://127.0.0.1:{ports.etcd_client}/health")
-            )
+            self._wait("etcd", deadline, lambda: http_ok(f"http://127.0.0.1:{ports.etcd_client}/health"))
             self._spawn("kube-apiserver", self._apiserver_args(pki, ports), detach)
             self._wait("kube-apiserver", deadline, lambda: self._https_ok(pki, ports.apiserver, "/readyz"))
             self._spawn("kube-controller-manager", self._kcm_args(pki, ports), detach)
@@ -141,7 +139,7 @@ class LocalCluster:
                 lambda: self._https_ok(None, ports.controller_manager, "/healthz"),
             )
             self._wait("kube-scheduler", deadline, lambda: self._https_ok(None, ports.scheduler, "/healthz"))
-            self._wait("kwok", deadline, lambda: self._http_ok(f"http://127.0.0.1:{ports.kwok}/healthz"))
+            self._wait("kwok", deadline, lambda: http_ok(f"http://127.0.0.1:{ports.kwok}/healthz"))
             self._create_nodes()
             self._wait("kwok", deadline, self._nodes_ready, "done making the fake nodes Ready")
             # Pods cannot be created in a namespace until its default ServiceAccount exists.
@@ -421,11 +419,6 @@ class LocalCluster:
                     return
             time.sleep(0.2)
         raise ClusterError(f"{component} not {what} in time; see {log}")
-
-    @staticmethod
-    def _http_ok(url: str) -> bool:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return bool(resp.status == 200)
 
     def _https_ok(self, pki: CertPaths | None, port: int, path: str) -> bool:
         if pki is None:

@@ -21,14 +21,13 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
 from lmi_operator.testing.images import Image, ImageBuilder, image_cache_dir
-from lmi_operator.testing.processes import die_with_parent, free_port
+from lmi_operator.testing.processes import die_with_parent, free_port, http_ok
 
 NODE_NAME = "cpu-node"
 # The taint and label that keep every pod off this node but those meant for it (CPU model servers).
@@ -78,7 +77,7 @@ class RealNode:
         self.store = image_cache_dir().parent / "containerd"
         self.socket = workdir / "containerd" / "containerd.sock"
         self.logs = workdir / "logs"
-        self._proxy_health = 0
+        self._proxy_health = free_port()
         self._lock: IO[str] | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -101,7 +100,12 @@ class RealNode:
             self._spawn("kubelet", [str(self.bin_dir / "kubelet"), *self._kubelet_args()])
             self._wait("kubelet", time.monotonic() + timeout, self._node_ready, "Ready")
             self._spawn("kube-proxy", [str(self.bin_dir / "kube-proxy"), *self._proxy_args()])
-            self._wait("kube-proxy", time.monotonic() + 60, self._proxy_synced, "done syncing Services")
+            self._wait(
+                "kube-proxy",
+                time.monotonic() + 60,
+                lambda: http_ok(f"http://127.0.0.1:{self._proxy_health}/healthz"),
+                "done syncing Services",
+            )
         except BaseException:
             self.stop()
             raise
@@ -302,7 +306,6 @@ state = "{state / "state"}"
         ]
 
     def _proxy_args(self) -> list[str]:
-        self._proxy_health = free_port()
         # iptables mode: Services' cluster IPs are DNATed to pod (or API server) addresses for
         # traffic from pods and from this machine alike.
         return [
@@ -318,10 +321,6 @@ state = "{state / "state"}"
             f"--nodeport-addresses={NODE_IP}/32",
             "--v=1",
         ]
-
-    def _proxy_synced(self) -> bool:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self._proxy_health}/healthz", timeout=5) as resp:
-            return bool(resp.status == 200)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,12 @@
-"""Helpers for the processes the local cluster starts: free ports and children that die with us."""
+"""Helpers for the processes the local cluster starts: free ports, health checks and children that
+die with us."""
 
 from __future__ import annotations
 
 import ctypes
 import signal
 import socket
+import urllib.request
 
 _PR_SET_PDEATHSIG = 1
 
@@ -15,6 +17,12 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def http_ok(url: str) -> bool:
+    """Whether a plain-HTTP health endpoint answers 200 (within 2 s)."""
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return bool(resp.status == 200)
 
 
 def die_with_parent() -> None:

@@ -1,0 +1,85 @@
+"""Applying a model's children: what the spec renders to, written only where the live copy differs.
+
+A child is applied when it is missing, when it was applied from another rendering (the hash
+annotation every rendered child carries differs: so fields removed from the spec leave the child
+too), or when someone edited it by hand since (the rendered fields are no longer contained in it).
+Children the spec no longer asks for (PDB, HPA) are deleted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from lmi_operator import metrics
+from lmi_operator.api import LMIModel
+from lmi_operator.cache import OPTIONAL_KINDS, Key, ModelCache
+from lmi_operator.drift import contains
+from lmi_operator.kube import ApiError, KubeClient, object_path
+from lmi_operator.render import APPLIED_HASH, render
+from lmi_operator.settings import OperatorSettings
+
+
+def namespace_going(err: ApiError) -> bool:
+    """Whether the API refused because the namespace is gone or being deleted (not for want of RBAC).
+
+    The model goes with its namespace: nothing to create, nothing to retry.
+    """
+    return err.status == 404 or (err.status == 403 and "being terminated" in err.message)
+
+
+def drifted(live: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
+    """Whether `desired` must be applied: the child is missing, was applied from another rendering
+    (its hash annotation differs: fields were added or removed), or was edited by hand since."""
+    if live is None:
+        return True
+    applied = live.get("metadata", {}).get("annotations", {}).get(APPLIED_HASH)
+    return applied != desired["metadata"]["annotations"][APPLIED_HASH] or not contains(live, desired)
+
+
+class ChildrenApplier:
+    """Brings one model's children in line with its parsed spec, through the cache's copies."""
+
+    def __init__(self, client: KubeClient, cache: ModelCache, settings: OperatorSettings) -> None:
+        self.client = client
+        self.cache = cache
+        self.settings = settings
+
+    async def apply(self, key: Key, obj: LMIModel) -> None:
+        """Apply what `obj` renders to where it drifted and delete the children it no longer asks for.
+        A child the API server refuses (400/422: retrying cannot help) is named in the model's
+        apply_error for status; other failures raise, for the work queue to retry."""
+        st = self.cache.state(key)
+        rendered = render(obj, self.settings)
+        await self.cache.read_missing(
+            key, [(d["apiVersion"], d["kind"], d["metadata"]["name"]) for d in rendered.objects]
+        )
+        stale = [d for d in rendered.objects if drifted(st.children.get(d["kind"]), d)]
+        # Independent objects: apply them together (a pod waits for its ConfigMap by itself).
+        results = await asyncio.gather(*(self.client.apply(d) for d in stale), return_exceptions=True)
+        st.apply_error = None
+        for desired, result in zip(stale, results, strict=True):
+            if isinstance(result, ApiError) and namespace_going(result):
+                return
+            if isinstance(result, ApiError) and result.status in (400, 422):
+                st.apply_error = f"the {desired['kind']} rendered from the spec was refused: {result.message}"
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            metrics.API_WRITES.labels(desired["kind"]).inc()
+            self.cache.written(key, result)
+            if desired["kind"] == "Deployment":
+                st.applied_generation = result["metadata"].get("generation")
+        wanted = {o["kind"] for o in rendered.objects}
+        for kind, api_version in OPTIONAL_KINDS.items():
+            if kind in st.children and kind not in wanted:
+                await self._delete(api_version, kind, key)
+                st.children.pop(kind, None)
+
+    async def _delete(self, api_version: str, kind: str, key: Key) -> None:
+        try:
+            await self.client.request("DELETE", object_path(api_version, kind, key[0], key[1]))
+            metrics.API_WRITES.labels(kind).inc()
+        except ApiError as err:
+            if err.status != 404:
+                raise

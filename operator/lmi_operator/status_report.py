@@ -1,0 +1,195 @@
+"""Reporting a model's status: gather what is observed, let `status.build_status` judge, apply it.
+
+The whole status is server-side applied by a field manager of its own, so keys it no longer
+writes (an option removed from the spec) go; keys an older operator wrote by merge patch are removed
+by one merge patch. Nothing is written when the status would not change. A change of the Ready
+condition is recorded as an Event."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lmi_operator import metrics
+from lmi_operator.api import API_VERSION, KIND, InvalidLMIModel, LMIModel, parse_lmimodel
+from lmi_operator.cache import Key, ModelCache, ModelState
+from lmi_operator.engine_options import check_options
+from lmi_operator.events import EventRecorder, Subject
+from lmi_operator.gpu_capacity import GpuCapacity
+from lmi_operator.kube import STATUS_FIELD_MANAGER, ApiError, KubeClient, object_path
+from lmi_operator.properties import lmi_options
+from lmi_operator.render import (
+    CONFIG_HASH,
+    desired_replicas,
+    gpu_resource_of,
+    render,
+    selector_of,
+    selector_string,
+)
+from lmi_operator.settings import OperatorSettings
+from lmi_operator.status import INSUFFICIENT_GPU, READY, Observed, build_status, problem_of
+
+# How often to look again at a model whose pods are loading (to notice a StartupTimeout).
+RECHECK_SECONDS = 30.0
+
+
+def parse(body: Mapping[str, Any]) -> tuple[LMIModel | None, str | None]:
+    """The parsed model, or None and why the spec is invalid (also for engine options vLLM refuses)."""
+    try:
+        obj = parse_lmimodel(body)
+    except InvalidLMIModel as err:
+        return None, str(err)
+    return obj, check_options(obj.spec.engine.options)
+
+
+def removals(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A merge patch that deletes the map keys `live` has and `wanted` lacks (None when there are
+    none); lists and values are compared whole and set to `wanted`'s."""
+    patch: dict[str, Any] = {}
+    for k, v in live.items():
+        if k not in wanted:
+            patch[k] = None
+        elif isinstance(v, Mapping) and isinstance(wanted[k], Mapping):
+            if (inner := removals(v, wanted[k])) is not None:
+                patch[k] = inner
+        elif v != wanted[k]:
+            patch[k] = wanted[k]
+    return patch or None
+
+
+def rendered_config_hash(st: ModelState, obj: LMIModel, settings: OperatorSettings) -> str:
+    """The config hash on the pod template rendered from `obj`'s spec, rendered once per generation
+    (the template depends on the spec and the name only; the uid tells a re-created model apart)."""
+    stamp = (str(obj.metadata.uid), int(obj.metadata.generation or 1))
+    if st.config_hash is None or st.config_hash[0] != stamp:
+        deployment = next(d for d in render(obj, settings).objects if d["kind"] == "Deployment")
+        st.config_hash = (stamp, str(deployment["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH]))
+    return st.config_hash[1]
+
+
+class StatusReporter:
+    """Writes each model's status from the cache; `recheck(key, delay)` asks to be called again."""
+
+    def __init__(
+        self, client: KubeClient, cache: ModelCache, settings: OperatorSettings, events: EventRecorder
+    ) -> None:
+        self.client = client
+        self.cache = cache
+        self.settings = settings
+        self.events = events
+        self.gpus = GpuCapacity(client)
+        self._reasons: dict[Key, str] = {}
+
+    async def report(self, key: Key) -> bool:
+        """Write one model's status from what is observed now; True when it is not Ready yet while
+        pods exist (so that a slow start is looked at again)."""
+        st = self.cache.current(key)
+        if st is None or st.model is None:
+            return False
+        body = st.model
+        obj, invalid = parse(body)
+        invalid = invalid or st.apply_error
+        if obj is None or invalid is not None:
+            await self._write(key, body, self._observed(key, st, body, None, invalid=invalid))
+            return False
+        # Status read from a partial cache would be rewritten for nothing (then back): see the Deployment.
+        await self.cache.read_missing(key, [("apps/v1", "Deployment", key[1])])
+        observed = self._observed(key, st, body, obj, options=lmi_options(obj.spec))
+        problem = problem_of(observed)
+        if problem is not None and problem.reason == INSUFFICIENT_GPU:
+            free = await self.gpus.free_by_node(observed.gpu_resource)
+            observed = Observed(**{**observed.__dict__, "free_gpus_by_node": free})
+        status = await self._write(key, body, observed)
+        ready = next(c for c in status["conditions"] if c["type"] == READY)
+        return ready["status"] != "True" and bool(st.pods)
+
+    def forget(self, key: Key) -> None:
+        """The model is gone: it no longer counts in the models-by-reason gauge."""
+        self._track(key, None)
+
+    def _observed(
+        self,
+        key: Key,
+        st: ModelState,
+        body: Mapping[str, Any],
+        obj: LMIModel | None,
+        invalid: str | None = None,
+        options: Mapping[str, str] | None = None,
+    ) -> Observed:
+        spec = body.get("spec", {})
+        config_hash = None
+        if obj is not None:
+            config_hash = rendered_config_hash(st, obj, self.settings)
+            desired = desired_replicas(obj.spec)
+            gpus = obj.spec.resources.gpus
+            gpu_resource = gpu_resource_of(obj.spec, self.settings)
+            timeout = obj.spec.startup.timeout_seconds
+        else:
+            desired = int(spec.get("replicas", 1)) if isinstance(spec.get("replicas", 1), int) else 1
+            gpus, gpu_resource, timeout = 0, self.settings.gpu_resource_name, 3600
+        pods = [p for p in st.pods.values() if not p["metadata"].get("deletionTimestamp")]
+        return Observed(
+            name=key[1],
+            namespace=key[0],
+            generation=int(body["metadata"].get("generation", 1)),
+            desired_replicas=desired,
+            gpus_per_replica=gpus,
+            gpu_resource=gpu_resource,
+            startup_timeout_seconds=timeout,
+            deployment=st.children.get("Deployment"),
+            deployment_generation=st.applied_generation,
+            pods=pods,
+            invalid_spec=invalid,
+            engine_options=options or {},
+            selector=selector_string(selector_of(key[1])),
+            config_hash=config_hash,
+        )
+
+    async def _write(self, key: Key, body: Mapping[str, Any], observed: Observed) -> dict[str, Any]:
+        """Apply the status built from `observed` unless it is the status already there; return it."""
+        previous = body.get("status") or {}
+        status = build_status(observed, previous)
+        self._track(key, next(c["reason"] for c in status["conditions"] if c["type"] == READY))
+        if status == previous:
+            return status
+        applied = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": key[1], "namespace": key[0]}}
+        try:
+            # The whole status by server-side apply: what this manager applied before and leaves out
+            # now (an option removed from the spec) is removed.
+            updated = await self.client.apply(
+                applied | {"status": status}, field_manager=STATUS_FIELD_MANAGER, subresource="status"
+            )
+            metrics.API_WRITES.labels("LMIModelStatus").inc()
+            if (leftover := removals(updated.get("status") or {}, status)) is not None:
+                # Keys another manager owns stay under an apply: those an older operator wrote by
+                # merge patch. Once removed here, they are gone for good.
+                path = object_path(API_VERSION, KIND, key[0], key[1]) + "/status"
+                updated = await self.client.merge_patch(path, {"status": leftover})
+                metrics.API_WRITES.labels("LMIModelStatus").inc()
+        except ApiError as err:
+            if err.status == 404:
+                return status
+            raise
+        self.cache.written(key, updated)
+        await self._record_transition(key, body, previous, status)
+        return status
+
+    def _track(self, key: Key, reason: str | None) -> None:
+        """Keep the models-by-reason gauge current."""
+        old = self._reasons.pop(key, None)
+        if old is not None:
+            metrics.MODELS.labels(old).dec()
+        if reason is not None:
+            self._reasons[key] = reason
+            metrics.MODELS.labels(reason).inc()
+
+    async def _record_transition(
+        self, key: Key, body: Mapping[str, Any], previous: Mapping[str, Any], status: Mapping[str, Any]
+    ) -> None:
+        """An Event when the Ready condition changed its status or reason."""
+        cond = next(c for c in status["conditions"] if c["type"] == READY)
+        old = next((c for c in previous.get("conditions", []) if c["type"] == READY), None)
+        if old is not None and (old.get("status"), old.get("reason")) == (cond["status"], cond["reason"]):
+            return
+        subject = Subject(key[0], key[1], body["metadata"].get("uid"))
+        await self.events.record(subject, cond["reason"], cond["message"], cond["status"] == "True")
