@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from lmi_operator.kube import Credentials, _ssl_context, load_credentials
+from lmi_operator.kube import Credentials, load_credentials, ssl_context
 
 
 class Api:
@@ -18,7 +18,7 @@ class Api:
 
     def __init__(self, kubeconfig: Path) -> None:
         self.creds: Credentials = load_credentials(str(kubeconfig))
-        self.ssl: ssl.SSLContext = _ssl_context(self.creds)
+        self.ssl: ssl.SSLContext = ssl_context(self.creds)
 
     def request(
         self,
@@ -31,6 +31,8 @@ class Api:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.creds.server + path, data=data, method=method)
         req.add_header("Accept", "application/json")
+        if token := self.creds.bearer():
+            req.add_header("Authorization", f"Bearer {token}")
         if data is not None:
             req.add_header("Content-Type", content_type)
         try:

@@ -498,6 +498,10 @@ def test_in_cluster_credentials_bracket_an_ipv6_service_host(
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00:10:96::1")
     creds = load_credentials()
     assert (creds.server, creds.bearer(), creds.namespace) == ("https://[fd00:10:96::1]:443", "t0ken", "ops")
+    assert creds.ca_data == b"ca"
+    # A projected token rotates: every request reads the file again.
+    (tmp_path / "token").write_text("rotated\n")
+    assert creds.bearer() == "rotated"
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     assert load_credentials().server == "https://10.96.0.1:443"
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmi_operator import metrics
 from lmi_operator.api import API_VERSION, KIND
 from lmi_operator.kube import KubeClient, object_path
 from lmi_operator.relist import RelistDetector
@@ -154,7 +155,11 @@ class ModelCache:
 
     def state(self, key: Key) -> ModelState:
         """The entry of one model, created empty if absent."""
-        return self.models.setdefault(key, ModelState())
+        st = self.models.get(key)
+        if st is None:
+            st = self.models[key] = ModelState()
+            metrics.CACHED_MODELS.set(len(self.models))
+        return st
 
     def current(self, key: Key) -> ModelState | None:
         """The entry of a model that exists and is not being deleted, else None."""
@@ -168,6 +173,7 @@ class ModelCache:
         if st is None or st.model is not None or st.children or st.pods:
             return False
         del self.models[key]
+        metrics.CACHED_MODELS.set(len(self.models))
         return True
 
     # -- watch events -------------------------------------------------------------------------------

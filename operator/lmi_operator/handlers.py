@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 
 from lmi_operator.api import GROUP, PLURAL, VERSION
-from lmi_operator.kube import Credentials
+from lmi_operator.kube import Credentials, client_session
 from lmi_operator.reconciler import Reconciler
 from lmi_operator.render import MANAGED_SELECTOR
 
@@ -58,16 +58,17 @@ def build(reconciler: Reconciler, creds: Credentials) -> tuple[kopf.OperatorRegi
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(
+    async def login(**_: Any) -> kopf.AiohttpSession:
+        # kopf's watches use the operator's own session set-up (TLS with tls-server-name, proxy),
+        # which kopf's ConnectionInfo cannot express. kopf logs in again after a 401, which reads
+        # the token again (a rotated ServiceAccount token, an exec plugin's expired one).
+        token = creds.bearer()
+        return kopf.AiohttpSession(
             server=creds.server,
-            ca_data=creds.ca_data,
-            insecure=creds.insecure,
-            certificate_data=creds.cert_data,
-            private_key_data=creds.key_data,
-            scheme="Bearer" if creds.bearer() else None,
-            token=creds.bearer(),
             default_namespace=creds.namespace,
+            aiohttp_session=client_session(
+                creds, headers={"Authorization": f"Bearer {token}"} if token else None, limit=0
+            ),
         )
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)

@@ -34,6 +34,11 @@ API_REQUESTS = Counter(
 MODELS = Gauge(
     "lmi_operator_models", "LMIModels by the reason of their Ready condition.", ["reason"], registry=REGISTRY
 )
+CACHED_MODELS = Gauge(
+    "lmi_operator_cached_models",
+    "Models the operator keeps state for: live ones, and deleted ones whose children are still going.",
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge("lmi_operator_queue_depth", "Keys waiting or in flight.", registry=REGISTRY)
 LEADER = Gauge("lmi_operator_leader", "1 while this replica holds the Lease.", registry=REGISTRY)
 
