@@ -544,3 +544,28 @@ def test_a_writes_answer_older_than_the_watched_copy_is_dropped_unless_versions_
     assert cache.models[key].children["ConfigMap"]["data"]["v"] == "answer"
     cache.observe_child(_cm("x7", "opaque"), deleted=False)  # incomparable: arrival order wins
     assert cache.models[key].children["ConfigMap"]["data"]["v"] == "opaque"
+
+
+def test_memory_is_trimmed_once_the_models_fell_and_held_still(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmi_operator import memory
+
+    trims: list[int] = []
+    polls = [100, 100, 150, 60, 40, 40, 40, 45, 30, 30, 30]
+    seen: list[int] = []
+
+    def size() -> int:
+        seen.append(polls[min(len(seen), len(polls) - 1)])
+        return seen[-1]
+
+    monkeypatch.setattr(memory, "trim", lambda: trims.append(seen[-1]) or True)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(memory.Trimmer(size, threshold=20, period=0.001).run())
+        while len(seen) < len(polls) + 3:
+            await asyncio.sleep(0.001)
+        task.cancel()
+
+    asyncio.run(scenario())
+    # 150 -> 40 and held still: trimmed once; then 45 -> 30 is 15 below the new peak (under the
+    # threshold): not trimmed; a growth alone never trims.
+    assert trims == [40], trims

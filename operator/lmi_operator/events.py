@@ -43,6 +43,13 @@ class EventRecorder:
         self.client = client
         self.cache_size = cache_size
         self._recorded: collections.OrderedDict[tuple[str, ...], _Recorded] = collections.OrderedDict()
+        # The keys of each model's Events, so that a deleted model's go with it (memory under churn).
+        self._by_model: dict[tuple[str, str], set[tuple[str, ...]]] = {}
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The model is gone: its Events will not repeat (a new one of that name has another uid)."""
+        for key in self._by_model.pop((namespace, name), ()):
+            self._recorded.pop(key, None)
 
     async def record(self, subject: Subject, reason: str, message: str, normal: bool) -> None:
         """A Normal (or Warning) Event with `reason` and `message` on `subject`."""
@@ -66,8 +73,14 @@ class EventRecorder:
             return
         metrics.API_WRITES.labels("Event").inc()
         self._recorded[key] = _Recorded(created["metadata"]["name"], 1)
+        self._by_model.setdefault((subject.namespace, subject.name), set()).add(key)
         while len(self._recorded) > self.cache_size:
-            self._recorded.popitem(last=False)
+            oldest, _ = self._recorded.popitem(last=False)
+            model = (oldest[0], oldest[1])
+            keys = self._by_model.get(model, set())
+            keys.discard(oldest)
+            if not keys:
+                self._by_model.pop(model, None)
 
     async def _bump(self, subject: Subject, seen: _Recorded, now: str) -> bool:
         """Count one more occurrence on the Event recorded before; False when it is gone (expired)."""

@@ -241,11 +241,13 @@ class KubeClient:
     """An aiohttp session against one API server; counts its requests by verb for metrics/benches,
     and the answers 429 it waited out (`throttled`)."""
 
-    def __init__(self, creds: Credentials, timeout: float = 30.0) -> None:
+    def __init__(self, creds: Credentials, timeout: float = 30.0, count_paths: bool = False) -> None:
         self.creds = creds
         self.requests: collections.Counter[str] = collections.Counter()
-        # Requests by method and path, for tests and benchmarks that count per object.
+        # Requests by method and path, for tests and benchmarks that count per object; off in
+        # production, where it would grow by every object ever touched.
         self.requests_by_path: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._count_paths = count_paths
         self.throttled = 0
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -312,7 +314,8 @@ class KubeClient:
             if data is not None:
                 headers["Content-Type"] = content_type
             self.requests[method] += 1
-            self.requests_by_path[method, path] += 1
+            if self._count_paths:
+                self.requests_by_path[method, path] += 1
             metrics.API_REQUESTS.labels(method).inc()
             async with session.request(
                 method,

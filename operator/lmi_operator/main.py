@@ -32,11 +32,13 @@ async def run_operator(
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
     on_start: Callable[[Reconciler], None] | None = None,
+    count_paths: bool = False,
 ) -> Reconciler:
     """Run until `stop` is set (or SIGTERM/SIGINT); returns the reconciler (its counters) at the end.
-    Raises LeadershipLost when another replica took the Lease."""
+    Raises LeadershipLost when another replica took the Lease. `count_paths`: count requests by path
+    (KubeClient.requests_by_path), for tests."""
     creds = load_credentials(kubeconfig)
-    client = KubeClient(creds)
+    client = KubeClient(creds, count_paths=count_paths)
     stop = stop or asyncio.Event()
     lost = asyncio.Event()
     elector: LeaderElector | None = None

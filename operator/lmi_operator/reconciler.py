@@ -17,6 +17,7 @@ from lmi_operator.cache import Key, ModelCache
 from lmi_operator.children import ChildrenApplier
 from lmi_operator.events import EventRecorder
 from lmi_operator.kube import KubeClient
+from lmi_operator.memory import Trimmer
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.status_report import RECHECK_SECONDS, StatusReporter, parse
 from lmi_operator.workqueue import WorkQueue
@@ -47,6 +48,7 @@ class Reconciler:
             group.create_task(self.queue.run())
             group.create_task(self.status_queue.run())
             group.create_task(self.cache.sweeps.run())
+            group.create_task(Trimmer(lambda: len(self.cache.models)).run())
 
     def pending(self) -> int:
         """Keys waiting or in flight in either queue."""

@@ -104,8 +104,10 @@ class StatusReporter:
         return ready["status"] != "True" and bool(st.pods)
 
     def forget(self, key: Key) -> None:
-        """The model is gone: it no longer counts in the models-by-reason gauge."""
+        """The model is gone: it no longer counts in the models-by-reason gauge, and its Events
+        are no longer remembered for aggregation."""
         self._track(key, None)
+        self.events.forget(*key)
 
     def _observed(
         self,

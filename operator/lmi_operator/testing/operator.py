@@ -75,7 +75,12 @@ class OperatorThread:
         task = asyncio.create_task(announce())
         try:
             await run_operator(
-                self.settings, str(self.kubeconfig), stop=self._stop, ready=ready, on_start=self._started
+                self.settings,
+                str(self.kubeconfig),
+                stop=self._stop,
+                ready=ready,
+                on_start=self._started,
+                count_paths=True,
             )
         finally:
             task.cancel()
