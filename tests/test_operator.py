@@ -507,8 +507,14 @@ ADAPTERS = [{"name": "sql", "source": "org/sql"}, {"name": "chat", "source": "or
             "deployment",
             "org/chat",
         ),
+        (
+            {"handler": {"configMapRef": {"name": "team-handler", "key": "model.py"}}},
+            {},
+            "deployment",
+            "team-handler",
+        ),
     ],
-    ids=["hpa-cpu", "hpa-metric", "env", "toleration", "option", "adapter"],
+    ids=["hpa-cpu", "hpa-metric", "env", "toleration", "option", "adapter", "volume"],
 )
 def test_a_removal_from_the_spec_reaches_the_child_and_a_resync_then_writes_nothing(
     cluster: LocalCluster,
