@@ -546,6 +546,20 @@ def test_a_writes_answer_older_than_the_watched_copy_is_dropped_unless_versions_
     assert cache.models[key].children["ConfigMap"]["data"]["v"] == "opaque"
 
 
+def test_an_answer_after_the_models_deletion_does_not_bring_it_back() -> None:
+    cache = ModelCache(
+        kube.KubeClient(kube.Credentials(server="https://127.0.0.1:1")), (), *[lambda _: None] * 3
+    )
+    model = {"kind": "LMIModel", "metadata": {"name": "m", "namespace": "ns", "resourceVersion": "5"}}
+    cache.observe_model(model, deleted=False)
+    cache.observe_model(model, deleted=True)
+    assert ("ns", "m") not in cache.models
+    # The status apply that was in flight answers now; so does a child's apply.
+    cache.written(("ns", "m"), model | {"metadata": {**model["metadata"], "resourceVersion": "6"}})
+    cache.written(("ns", "m"), _cm("7", "late"))
+    assert ("ns", "m") not in cache.models
+
+
 def test_memory_is_trimmed_once_the_models_fell_and_held_still(monkeypatch: pytest.MonkeyPatch) -> None:
     from lmi_operator import memory
 

@@ -229,9 +229,13 @@ class ModelCache:
 
     def written(self, key: Key, obj: Mapping[str, Any]) -> None:
         """Keep the API server's answer to a write of a child or the model, unless a watch event
-        already brought a newer copy (say, with the status a controller wrote meanwhile)."""
-        st = self.state(key)
+        already brought a newer copy (say, with the status a controller wrote meanwhile). An answer
+        that comes after the model's deletion was seen brings nothing back: a write in flight must
+        not resurrect a deleted model (or its state) in the cache."""
+        st = self.models.get(key)
         kind = obj["kind"]
+        if st is None or (kind == KIND and st.model is None):
+            return
         if kind == KIND:
             if not_older(obj, st.model):
                 st.model = slim(obj)
