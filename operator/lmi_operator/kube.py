@@ -179,13 +179,13 @@ class _NamedServerContext(ssl.SSLContext):
 
 def ssl_context(creds: Credentials) -> ssl.SSLContext:
     """The TLS context of `creds`: its CA, client certificate, insecure flag and tls-server-name."""
-    ctx = (
-        _NamedServerContext(ssl.PROTOCOL_TLS_CLIENT)
-        if creds.tls_server_name
-        else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    )
-    if isinstance(ctx, _NamedServerContext):
-        ctx.server_name = str(creds.tls_server_name)
+    ctx: ssl.SSLContext
+    if creds.tls_server_name:
+        named = _NamedServerContext(ssl.PROTOCOL_TLS_CLIENT)
+        named.server_name = creds.tls_server_name
+        ctx = named
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if creds.ca_data:
         ctx.load_verify_locations(cadata=creds.ca_data.decode())
     else:

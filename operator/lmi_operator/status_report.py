@@ -7,6 +7,7 @@ condition is recorded as an Event."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -98,7 +99,7 @@ class StatusReporter:
         problem = problem_of(observed)
         if problem is not None and problem.reason == INSUFFICIENT_GPU:
             free = await self.gpus.free_by_node(observed.gpu_resource)
-            observed = Observed(**{**observed.__dict__, "free_gpus_by_node": free})
+            observed = dataclasses.replace(observed, free_gpus_by_node=free)
         status = await self._write(key, body, observed)
         ready = next(c for c in status["conditions"] if c["type"] == READY)
         return ready["status"] != "True" and bool(st.pods)
