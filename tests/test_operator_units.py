@@ -8,22 +8,31 @@ import datetime
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lmi_operator import kube
-from lmi_operator.api import parse_lmimodel
+from lmi_operator.api import EngineMode, parse_lmimodel
 from lmi_operator.cache import ModelCache, compare_versions
 from lmi_operator.drift import contains
 from lmi_operator.engine_options import check_options
+from lmi_operator.events import EventRecorder
 from lmi_operator.kube import load_credentials
 from lmi_operator.properties import serving_properties
 from lmi_operator.render import CONFIG_HASH, MODEL_LABEL, desired_replicas, render
 from lmi_operator.settings import OperatorSettings
-from lmi_operator.status import Observed, build_status, conditions_for
-from lmi_operator.status_report import removals
+from lmi_operator.status import (
+    BATCH_SIZE_DEFAULTED,
+    BATCH_SIZE_FIELD,
+    LMI_ASYNC_DEFAULT,
+    Observed,
+    build_status,
+    conditions_for,
+)
+from lmi_operator.status_report import StatusReporter, removals
 from lmi_operator.testing.cluster import REPO_ROOT
 from lmi_operator.workqueue import WorkQueue
 
@@ -422,6 +431,121 @@ def test_invalid_spec_wins_and_timestamps_are_stable() -> None:
     assert status["conditions"][0]["reason"] == "InvalidSpec" and status["observedGeneration"] == 2
     later = Observed(**{**obs.__dict__, "now": NOW + datetime.timedelta(minutes=5)})
     assert build_status(later, status) == status
+
+
+def batch_advice(obs: Observed) -> list[dict[str, str]]:
+    return [c for c in conditions_for(obs) if c["type"] == BATCH_SIZE_DEFAULTED]
+
+
+def test_async_mode_at_lmis_default_batch_size_is_reported() -> None:
+    obs = observed(engine_mode="async")
+    assert batch_advice(obs) == [
+        {
+            "type": "BatchSizeDefaulted",
+            "status": "True",
+            "reason": "LMIAsyncDefault",
+            "message": "async mode with LMI's default max_rolling_batch_size 32; vLLM's engine reaches "
+            "about 3x the throughput at 256 on an H200; set spec.engine.maxRollingBatchSize to raise it",
+        }
+    ]
+    # Advice, not health: the five health conditions read exactly as they do without it.
+    assert reasons(obs) == reasons(observed()) | {"BatchSizeDefaulted": ("True", "LMIAsyncDefault")}
+    stamped = next(c for c in build_status(obs, None)["conditions"] if c["type"] == BATCH_SIZE_DEFAULTED)
+    assert stamped["observedGeneration"] == 2 and stamped["lastTransitionTime"] == "2026-11-27T12:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("mode", "batch_size"),
+    [("async", 32), ("async", 256), ("rollingBatch", None), ("rollingBatch", 64), (None, None)],
+    ids=["async-set-to-the-default", "async-raised", "rolling-batch", "rolling-batch-set", "spec-unread"],
+)
+def test_a_set_batch_size_or_rolling_batch_mode_is_not_reported(
+    mode: EngineMode | None, batch_size: int | None
+) -> None:
+    obs = observed(engine_mode=mode, max_rolling_batch_size=batch_size)
+    assert batch_advice(obs) == []
+    assert reasons(obs) == reasons(observed())
+
+
+def test_setting_the_batch_size_removes_the_condition_and_keeps_the_others_stamps() -> None:
+    before = build_status(observed(engine_mode="async"), None)
+    later = NOW + datetime.timedelta(minutes=5)
+    after = build_status(observed(engine_mode="async", max_rolling_batch_size=256, now=later), before)
+    assert [c["type"] for c in after["conditions"]] == [
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "Reconciling",
+        "Stalled",
+    ]
+    assert after["conditions"] == before["conditions"][:5]
+
+
+class AnsweringClient(kube.KubeClient):
+    """A client that answers every request as if the API server took it, and keeps the status
+    applies, so that the whole status path runs without a cluster."""
+
+    def __init__(self) -> None:
+        super().__init__(kube.Credentials(server="https://127.0.0.1:1"))
+        self.statuses: list[dict[str, Any]] = []
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+        guarded: bool = True,
+    ) -> dict[str, Any]:
+        if path.endswith("/status"):
+            self.statuses.append(body["status"])
+        return {**body, "metadata": {"name": "answered", **body["metadata"]}}
+
+
+def reported_advice(engine: dict[str, Any]) -> list[dict[str, Any]]:
+    """The BatchSizeDefaulted conditions of the status the reporter writes for a model with `engine`."""
+    client = AnsweringClient()
+    cache = ModelCache(client, (), *[lambda _: None] * 3)
+    body = {
+        "apiVersion": "serving.lmi.dev/v1alpha1",
+        "kind": "LMIModel",
+        "metadata": {"name": "m", "namespace": "ns", "uid": "u-1", "generation": 1},
+        "spec": {"model": {"id": "org/model"}, "engine": engine},
+    }
+    cache.observe_model(body, deleted=False)
+    reporter = StatusReporter(client, cache, SETTINGS, EventRecorder(client))
+    asyncio.run(reporter.report(("ns", "m")))
+    reporter.forget(("ns", "m"))  # out of the models-by-reason gauge again
+    (status,) = client.statuses
+    return [c for c in status["conditions"] if c["type"] == BATCH_SIZE_DEFAULTED]
+
+
+def test_the_reporter_advises_from_the_spec_and_the_named_field_silences_it() -> None:
+    (advice,) = reported_advice({})
+    assert (advice["status"], advice["reason"]) == ("True", "LMIAsyncDefault")
+    assert advice["message"].endswith("set spec.engine.maxRollingBatchSize to raise it")
+    assert reported_advice({"mode": "async"}) == [advice]
+    # The field the message names, at that path, is the one that removes the advice.
+    assert BATCH_SIZE_FIELD == "spec.engine.maxRollingBatchSize"
+    assert reported_advice({"maxRollingBatchSize": 32}) == []
+    assert reported_advice({"mode": "rollingBatch"}) == []
+    # An invalid spec is not applied (the batch size may not go through engine.options either).
+    assert reported_advice({"options": {"max_num_seqs": "256"}}) == []
+
+
+def test_the_api_reference_says_the_default_the_figures_and_the_condition() -> None:
+    reference = (REPO_ROOT / "docs" / "api.md").read_text()
+    mode_row = next(line for line in reference.splitlines() if line.startswith("| `mode` |"))
+    size_row = next(line for line in reference.splitlines() if line.startswith("| `maxRollingBatchSize` |"))
+    for row in (mode_row, size_row):
+        assert (
+            "LMI's default batch size of 32 caps throughput" in row
+            and "5.2-5.7k tokens/s" in row
+            and "15.7k at 256" in row
+        )
+        assert f"condition {BATCH_SIZE_DEFAULTED} (reason {LMI_ASYNC_DEFAULT})" in row
 
 
 def test_contains_ignores_server_defaults_and_canonical_quantities() -> None:

@@ -124,11 +124,14 @@ def argocd_cm() -> str:
     return header + yaml.dump(cm, Dumper=_Literal, sort_keys=False)
 
 
+CHART_CRD = CHART / "crds" / CRD_FILE
+
+
 def generate(helm: Path) -> dict[Path, str]:
     """Every generated file and its expected content."""
     readme_path = CHART / "README.md"
     return {
-        CHART / "crds" / CRD_FILE: (REPO_ROOT / "crds" / CRD_FILE).read_text(),
+        CHART_CRD: (REPO_ROOT / "crds" / CRD_FILE).read_text(),
         readme_path: readme(readme_path.read_text()),
         DEPLOY_MANIFEST: deploy_manifest(helm),
         ARGOCD_CM: argocd_cm(),
@@ -146,6 +149,8 @@ def main() -> int:
             print("helm not found: run `make tools`", file=sys.stderr)
             return 1
         helm = Path(found)
+    # deploy/ is rendered from the chart, CRD included: the chart's copy is brought up to date first.
+    CHART_CRD.write_text((REPO_ROOT / "crds" / CRD_FILE).read_text())
     for path, text in generate(helm).items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

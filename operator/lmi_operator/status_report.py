@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lmi_operator import metrics
-from lmi_operator.api import API_VERSION, KIND, InvalidLMIModel, LMIModel, parse_lmimodel
+from lmi_operator.api import API_VERSION, KIND, EngineMode, InvalidLMIModel, LMIModel, parse_lmimodel
 from lmi_operator.cache import Key, ModelCache, ModelState
 from lmi_operator.engine_options import check_options
 from lmi_operator.events import EventRecorder, Subject
@@ -121,12 +121,16 @@ class StatusReporter:
     ) -> Observed:
         spec = body.get("spec", {})
         config_hash = None
+        # An invalid spec is not applied: no advice about its engine settings.
+        mode: EngineMode | None = None
+        batch_size: int | None = None
         if obj is not None:
             config_hash = rendered_config_hash(st, obj, self.settings)
             desired = desired_replicas(obj.spec)
             gpus = obj.spec.resources.gpus
             gpu_resource = gpu_resource_of(obj.spec, self.settings)
             timeout = obj.spec.startup.timeout_seconds
+            mode, batch_size = obj.spec.engine.mode, obj.spec.engine.max_rolling_batch_size
         else:
             desired = int(spec.get("replicas", 1)) if isinstance(spec.get("replicas", 1), int) else 1
             gpus, gpu_resource, timeout = 0, self.settings.gpu_resource_name, 3600
@@ -146,6 +150,8 @@ class StatusReporter:
             engine_options=options or {},
             selector=selector_string(selector_of(key[1])),
             config_hash=config_hash,
+            engine_mode=mode,
+            max_rolling_batch_size=batch_size,
         )
 
     async def _write(self, key: Key, body: Mapping[str, Any], observed: Observed) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 from lmi_runtime import options as lmi
 from lmi_runtime.devices import dev_nvidia_count, max_tensor_parallel, visible_gpu_count
 from lmi_runtime.errors import RuntimeConfigError
+from lmi_runtime.lmi_schema import ResponseFormat
 from lmi_runtime.properties import LmiSettings, Setting
 from lmi_runtime.quantization import (
     check_method,
@@ -143,6 +144,7 @@ class ResolvedConfig:
     served_model_names: list[str]
     enable_lora: bool
     properties: dict[str, str]  # LMI-named configuration, as a custom handler's Input sees it
+    response_format: ResponseFormat = field(default_factory=ResponseFormat)
 
 
 def parse_bool(setting: Setting) -> bool:
@@ -219,7 +221,7 @@ def _collect(settings: LmiSettings, schema: VllmSchema) -> dict[str, Setting]:
     wanted: dict[str, Setting] = {}
     known = sorted({*lmi.lmi_option_names(), *schema.args, *schema.engine_fields} - set(lmi.RUNTIME_OWNED))
     for key, setting in sorted(settings.options.items()):
-        if key in lmi.MODE_KEYS:
+        if key in lmi.MODE_KEYS or key in lmi.RESPONSE_KEYS:
             continue
         if key in lmi.IGNORED_LMI_KEYS:
             logger.info("%s: ignored by this runtime (%s)", setting.describe(), lmi.IGNORED_LMI_KEYS[key])
@@ -257,6 +259,22 @@ def _collect(settings: LmiSettings, schema: VllmSchema) -> dict[str, Setting]:
             )
         wanted[target] = setting
     return wanted
+
+
+def _response_format(settings: LmiSettings) -> ResponseFormat:
+    """option.output_formatter and option.tgi_compat: how the LMI routes frame their answers."""
+    opts = settings.options
+    tgi_compat = parse_bool(opts[lmi.TGI_COMPAT]) if lmi.TGI_COMPAT in opts else False
+    stream = "sse" if tgi_compat else "jsonlines"
+    if lmi.OUTPUT_FORMATTER in opts:
+        chosen = _one_of(
+            opts[lmi.OUTPUT_FORMATTER],
+            lmi.OUTPUT_FORMATTER_VALUES,
+            "not one of LMI's built-in output formatters (a custom one is a custom handler, model.py)",
+        )
+        # "json" names the framing of an answer that does not stream; streams keep their default.
+        stream = chosen if chosen != "json" else stream
+    return ResponseFormat(stream=stream, tgi_compat=tgi_compat)
 
 
 def _model(wanted: dict[str, Setting], model_dir: Path) -> Setting:
@@ -473,6 +491,7 @@ def resolve(
         served_model_names=served,
         enable_lora=enable_lora,
         properties=properties,
+        response_format=_response_format(settings),
     )
 
 

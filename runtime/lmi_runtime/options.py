@@ -51,9 +51,15 @@ IGNORED_LMI_KEYS: Final[dict[str, str]] = {
     "enable_stateful_sessions": "stateful sessions are not implemented",
 }
 
+# LMI-only keys that shape the answers of the LMI routes: read by the runtime, never passed to vLLM.
+OUTPUT_FORMATTER: Final = "output_formatter"
+TGI_COMPAT: Final = "tgi_compat"
+RESPONSE_KEYS: Final[tuple[str, ...]] = (OUTPUT_FORMATTER, TGI_COMPAT)
+# LMI's built-in output formatters ("json" is the default of an answer that does not stream).
+OUTPUT_FORMATTER_VALUES: Final[tuple[str, ...]] = ("json", "jsonlines", "sse")
+
 # LMI-only keys whose behaviour this runtime does not implement: consumed with a warning.
 UNSUPPORTED_LMI_KEYS: Final[dict[str, str]] = {
-    "output_formatter": "write a custom handler (model.py) instead",
     "input_formatter": "write a custom handler (model.py) instead",
 }
 
@@ -151,6 +157,14 @@ BITSANDBYTES_PLUGIN: Final[str] = "vllm-bnb-plugin"
 def lmi_option_names() -> list[str]:
     """Every option name the LMI layer itself understands (for suggestions and the table)."""
     return sorted(
-        {*RENAMED, *REMOVED_IN_VLLM, *MODE_KEYS, *IGNORED_LMI_KEYS, *UNSUPPORTED_LMI_KEYS, "entryPoint"}
+        {
+            *RENAMED,
+            *REMOVED_IN_VLLM,
+            *MODE_KEYS,
+            *RESPONSE_KEYS,
+            *IGNORED_LMI_KEYS,
+            *UNSUPPORTED_LMI_KEYS,
+            "entryPoint",
+        }
         - {"entrypoint"}
     )

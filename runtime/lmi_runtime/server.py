@@ -38,7 +38,9 @@ from lmi_runtime.lmi_schema import (
     COMPLETION,
     LMI,
     LmiRequest,
+    ResponseFormat,
     StreamState,
+    encode_line,
     error_body,
     route_of,
     sse_payload,
@@ -47,6 +49,14 @@ from lmi_runtime.lmi_schema import (
     to_lmi_stream_lines,
 )
 from lmi_runtime.properties import load_settings
+from lmi_runtime.server_setup import (
+    max_header_count,
+    raise_open_files_limit,
+    ssl_refresher,
+    tls_options,
+    uvicorn_options,
+    validate_server_args,
+)
 from lmi_runtime.vllm_compat import vllm_attr
 
 logger = logging.getLogger(__name__)
@@ -54,7 +64,6 @@ logger = logging.getLogger(__name__)
 ADAPTER_HEADER = "x-amzn-sagemaker-adapter-identifier"
 _ADAPTER_HEADER_BYTES = ADAPTER_HEADER.encode("latin-1")
 OPENAI_GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
-JSON_LINES = "application/jsonlines"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -110,8 +119,10 @@ class LoadingServer:
     its own thread; connections that arrive while it hands over wait in the socket's backlog.
     """
 
-    def __init__(self, sock: socket.socket, model_name: str) -> None:
-        config = uvicorn.Config(_loading_app(model_name), lifespan="off", log_config=None, access_log=False)
+    def __init__(self, sock: socket.socket, model_name: str, tls: dict[str, Any]) -> None:
+        config = uvicorn.Config(
+            _loading_app(model_name), lifespan="off", log_config=None, access_log=False, **tls
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=lambda: asyncio.run(self._server.serve(sockets=[sock])), name="lmi-loading", daemon=True
@@ -203,7 +214,8 @@ class LmiService:
         if failure is not None:
             return failure
         if inspect.isasyncgen(result):
-            return StreamingResponse(_openai_lines(result), media_type=JSON_LINES)
+            framing = self.config.response_format
+            return StreamingResponse(_openai_lines(result, framing), media_type=framing.stream_media_type)
         return Response(result.model_dump_json(), media_type="application/json")
 
     async def _lmi(self, payload: dict[str, Any], request: Request) -> Response:
@@ -216,15 +228,19 @@ class LmiService:
         failure = _vllm_error(result)
         if failure is not None:
             return failure
+        framing = self.config.response_format
         if inspect.isasyncgen(result):
-            return StreamingResponse(self._lmi_lines(result, lmi_request), media_type=JSON_LINES)
-        return JSONResponse(to_lmi_response(result.model_dump(mode="json"), lmi_request, self._token_text))
+            return StreamingResponse(
+                self._lmi_lines(result, lmi_request, framing), media_type=framing.stream_media_type
+            )
+        answer = to_lmi_response(result.model_dump(mode="json"), lmi_request, self._token_text)
+        return JSONResponse([answer] if framing.tgi_compat else answer)
 
-    async def _lmi_lines(self, events: Any, lmi_request: LmiRequest) -> Any:
+    async def _lmi_lines(self, events: Any, lmi_request: LmiRequest, framing: ResponseFormat) -> Any:
         state = StreamState()
         async for event in events:
             for line in to_lmi_stream_lines(event, lmi_request, state, self._token_text):
-                yield json.dumps(line, ensure_ascii=False) + "\n"
+                yield framing.frame(encode_line(line))
 
     def _check_model(self, model_name: str | None) -> None:
         known = [*self.config.served_model_names, self.config.model_dir.name]
@@ -286,12 +302,12 @@ class LmiService:
         return await self._adapter_call(model_name, action)
 
 
-async def _openai_lines(events: Any) -> Any:
-    # LMI streams OpenAI answers on /invocations as JSON lines rather than server-sent events.
+async def _openai_lines(events: Any, framing: ResponseFormat) -> Any:
+    # LMI streams OpenAI answers on /invocations in its own framing (JSON lines unless sse is chosen).
     async for event in events:
         payload = sse_payload(event)
         if payload is not None:
-            yield payload + "\n"
+            yield framing.frame(payload.encode())
 
 
 def install_routes(app: FastAPI, service: LmiService) -> None:
@@ -318,15 +334,20 @@ class AdapterRouting:
     """Lets the OpenAI routes pick an adapter by header or "adapters" field, as LMI's routes do.
 
     vLLM picks an adapter by the request's "model"; this rewrites the body before vLLM reads it.
-    vLLM's middleware stack is sealed once its app is built, hence a wrapper around the app.
+    vLLM's middleware stack is sealed once its app is built, hence a wrapper around the app. It also
+    refuses requests with more headers than --h11-max-header-count (see server_setup).
     """
 
-    def __init__(self, app: Asgi, registry: AdapterRegistry) -> None:
+    def __init__(self, app: Asgi, registry: AdapterRegistry, max_headers: int) -> None:
         self.app = app
         self.registry = registry
+        self.max_headers = max_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Rewrite generation requests that name an adapter, then hand over to vLLM's app."""
+        if scope["type"] == "http" and len(scope["headers"]) > self.max_headers:
+            await _error(431, f"more than {self.max_headers} request headers")(scope, receive, send)
+            return
         if (
             scope["type"] != "http"
             or scope["method"] != "POST"
@@ -424,7 +445,7 @@ async def _serve(
 ) -> int:
     started = time.monotonic()
     name = config.served_model_names[0]
-    loading = LoadingServer(sock.dup(), name)
+    loading = LoadingServer(sock.dup(), name, tls_options(config.namespace))
     loading.start()
     try:
         async with vllm_attr("build_async_engine_client")(config.namespace) as engine:
@@ -440,11 +461,11 @@ async def _serve(
             service = LmiService(config, handle, engine, completion, chat, registry, tokenizer)
             install_routes(app, service)
             set_runtime(RuntimeServices(engine, completion, chat, name, config.properties))
-            server = _Server(
-                uvicorn.Config(
-                    AdapterRouting(app, registry), lifespan="on", log_config=None, access_log=False
-                )
-            )
+            routing = AdapterRouting(app, registry, max_header_count(config.namespace))
+            server_config = uvicorn.Config(routing, lifespan="on", **uvicorn_options(config.namespace))
+            server_config.load()
+            refresher = ssl_refresher(config.namespace, server_config)
+            server = _Server(server_config)
             app.state.server = server
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -455,6 +476,8 @@ async def _serve(
             watchdog = asyncio.create_task(_watch_engine(engine, server, failed))
             await server.serve(sockets=[sock])
             watchdog.cancel()
+            if refresher is not None:
+                refresher.stop()
             return 1 if failed else 0
     except AdapterError as error:
         logger.error("adapter preloading failed: %s", error.message)
@@ -478,10 +501,12 @@ def serve(model_dir: Path, host: str, port: int) -> int:
     preload = preload_sources(model_dir, config.enable_lora, os.environ)
     config.namespace.host = host
     config.namespace.port = port
+    validate_server_args(config.namespace)
     # vLLM's SageMaker layer would import <SAGEMAKER_MODEL_PATH>/model.py a second time with its own
     # (non-LMI) semantics; the runtime owns model.py, so point that layer at a folder without one.
     os.environ["SAGEMAKER_MODEL_PATH"] = str(Path(__file__).parent / "no-sagemaker-script")
     sock = bind_socket(host, port)
+    raise_open_files_limit()
     signal.signal(signal.SIGTERM, _interrupt_start_up)
     try:
         import uvloop

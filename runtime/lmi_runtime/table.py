@@ -18,7 +18,8 @@ def engine_args_table(schema: VllmSchema) -> dict[str, Any]:
             "dtype_aliases": dict(sorted(lmi.DTYPE_ALIASES.items())),
             "removed_in_vllm": sorted(lmi.REMOVED_IN_VLLM),
             "lmi_only": sorted(
-                {*lmi.MODE_KEYS, *lmi.IGNORED_LMI_KEYS, *lmi.UNSUPPORTED_LMI_KEYS} - {"entrypoint"}
+                {*lmi.MODE_KEYS, *lmi.RESPONSE_KEYS, *lmi.IGNORED_LMI_KEYS, *lmi.UNSUPPORTED_LMI_KEYS}
+                - {"entrypoint"}
                 | {"entryPoint"}
             ),
             "runtime_owned": sorted(lmi.RUNTIME_OWNED),

@@ -25,6 +25,21 @@ _LOCATIONS: dict[str, tuple[str, ...]] = {
         "vllm.entrypoints.launchers.api_server.app_state",
         "vllm.entrypoints.openai.api_server",
     ),
+    "validate_api_server_args": (
+        "vllm.entrypoints.launchers.launcher",
+        "vllm.entrypoints.openai.api_server",
+    ),
+    "get_uvicorn_log_config": (
+        "vllm.entrypoints.launchers.utils.server_utils",
+        "vllm.entrypoints.serve.utils.server_utils",
+    ),
+    "SSLCertRefresher": ("vllm.entrypoints.launchers.utils.ssl", "vllm.entrypoints.serve.utils.ssl"),
+    "H11_MAX_INCOMPLETE_EVENT_SIZE_DEFAULT": (
+        "vllm.entrypoints.launchers.utils.constants",
+        "vllm.entrypoints.serve.utils.constants",
+    ),
+    "ToolParserManager": ("vllm.tool_parsers",),
+    "ReasoningParserManager": ("vllm.reasoning",),
     "CompletionRequest": ("vllm.entrypoints.openai.completion.protocol", "vllm.entrypoints.openai.protocol"),
     "ChatCompletionRequest": (
         "vllm.entrypoints.openai.chat_completion.protocol",

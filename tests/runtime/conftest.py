@@ -10,10 +10,11 @@ import contextlib
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,12 +75,17 @@ class RuntimeServer:
     process: subprocess.Popen[bytes]
     url: str
     log: Path
+    tls_ca: Path | None = None  # the certificate a TLS server is verified with
     startup_s: float = 0.0
     pings_before_ready: list[tuple[int, dict[str, object]]] = field(default_factory=list)
 
     def client(self) -> httpx.Client:
         """An HTTP client for this server."""
-        return httpx.Client(base_url=self.url, timeout=120)
+        return httpx.Client(base_url=self.url, timeout=120, verify=self.verify())
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """What httpx verifies this server's certificate with."""
+        return ssl.create_default_context(cafile=str(self.tls_ca)) if self.tls_ca else True
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 30 s (only this process, by its id)."""
@@ -92,8 +98,17 @@ class RuntimeServer:
                 self.process.wait(timeout=10)
 
 
-def start_server(model_dir: Path, env: Mapping[str, str], log: Path) -> RuntimeServer:
-    """Start `lmi-runtime serve` and wait until /ping answers 200, recording earlier answers."""
+def start_server(
+    model_dir: Path,
+    env: Mapping[str, str],
+    log: Path,
+    tls_ca: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> RuntimeServer:
+    """Start `lmi-runtime serve` and wait until /ping answers 200, recording earlier answers.
+
+    With `tls_ca` the server serves HTTPS with that (self-signed) certificate.
+    """
     port = free_port()
     started = time.monotonic()
     with log.open("wb") as out:
@@ -104,9 +119,11 @@ def start_server(model_dir: Path, env: Mapping[str, str], log: Path) -> RuntimeS
             env=dict(env),
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
-    server = RuntimeServer(process, f"http://127.0.0.1:{port}", log)
-    with httpx.Client(timeout=5) as client:
+    scheme = "https" if tls_ca else "http"
+    server = RuntimeServer(process, f"{scheme}://127.0.0.1:{port}", log, tls_ca)
+    with httpx.Client(timeout=5, verify=server.verify()) as client:
         while time.monotonic() - started < START_TIMEOUT_S:
             if process.poll() is not None:
                 raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
@@ -125,9 +142,15 @@ def start_server(model_dir: Path, env: Mapping[str, str], log: Path) -> RuntimeS
 
 
 @contextlib.contextmanager
-def serving(model_dir: Path, env: Mapping[str, str], log: Path) -> Iterator[RuntimeServer]:
+def serving(
+    model_dir: Path,
+    env: Mapping[str, str],
+    log: Path,
+    tls_ca: Path | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[RuntimeServer]:
     """A started server for `model_dir`, stopped on exit (what each server fixture yields)."""
-    server = start_server(model_dir, env, log)
+    server = start_server(model_dir, env, log, tls_ca, preexec_fn)
     try:
         yield server
     finally:

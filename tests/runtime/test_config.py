@@ -74,6 +74,17 @@ BAD_CONFIGURATIONS: list[tuple[dict[str, str], dict[str, str], str | None, list[
         ["option.rolling_batch=lmi-dist", "allowed: auto, vllm, disable"],
     ),
     (
+        {"option.output_formatter": "xml"},
+        {},
+        None,
+        [
+            "option.output_formatter=xml",
+            "a custom one is a custom handler, model.py",
+            "allowed: json, jsonlines, sse",
+        ],
+    ),
+    ({}, {"OPTION_TGI_COMPAT": "maybe"}, None, ["OPTION_TGI_COMPAT=maybe", "expected true or false"]),
+    (
         {"option.async_mode": "true", "option.rolling_batch": "vllm"},
         {},
         None,
@@ -384,3 +395,24 @@ def test_lmi_only_keys_are_consumed(tmp_path: Path) -> None:
         },
     )
     assert set(args) == {"model", "tensor_parallel_size", "max_num_seqs", "served_model_name"}
+
+
+@pytest.mark.parametrize(
+    ("properties", "stream", "tgi_compat"),
+    [
+        ({}, "jsonlines", False),
+        ({"option.output_formatter": "sse"}, "sse", False),
+        ({"option.output_formatter": "JSONLines"}, "jsonlines", False),
+        ({"option.output_formatter": "json"}, "jsonlines", False),
+        ({"option.tgi_compat": "true"}, "sse", True),
+        ({"option.tgi_compat": "true", "option.output_formatter": "jsonlines"}, "jsonlines", True),
+        ({"option.tgi_compat": "true", "option.output_formatter": "json"}, "sse", True),
+    ],
+)
+def test_response_format_options(
+    tmp_path: Path, properties: dict[str, str], stream: str, tgi_compat: bool
+) -> None:
+    config = resolved(tmp_path, properties=properties)
+    assert (config.response_format.stream, config.response_format.tgi_compat) == (stream, tgi_compat)
+    # LMI-only: read by the runtime, never handed to vLLM
+    assert not {"output_formatter", "tgi_compat"} & set(config.engine_args)

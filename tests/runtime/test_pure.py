@@ -18,7 +18,9 @@ from lmi_runtime.devices import max_tensor_parallel, visible_gpu_count
 from lmi_runtime.handler import handler_response, output_response
 from lmi_runtime.lmi_schema import (
     PayloadError,
+    ResponseFormat,
     StreamState,
+    encode_line,
     route_of,
     to_completion,
     to_lmi_response,
@@ -124,8 +126,24 @@ def test_to_completion_defaults_and_stream() -> None:
     request = to_completion({"inputs": "hi", "stream": True, "parameters": {"return_full_text": True}}, "m")
     assert request.completion["max_tokens"] == 30
     assert "echo" not in request.completion and request.include_prompt
+    # A plain stream asks for token ids only: no logprobs, no running usage (their cost is measured)
+    assert request.completion["return_token_ids"] is True
+    assert not {"logprobs", "return_tokens_as_token_ids", "stream_options"} & set(request.completion)
+    detailed = to_completion({"inputs": "hi", "stream": True, "parameters": {"details": True}}, "m")
+    assert detailed.completion["logprobs"] == 1 and detailed.completion["return_tokens_as_token_ids"]
+    assert detailed.completion["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    plain = to_completion({"inputs": "hi"}, "m")
+    assert "return_token_ids" not in plain.completion and "logprobs" not in plain.completion
     with pytest.raises(PayloadError, match="must be a string"):
         to_completion({"inputs": 3}, "m")
+
+
+def stream_event(text: str, ids: list[int], finish: str | None, logprobs: list[float] | None = None) -> str:
+    """One vLLM completion stream event as the runtime asks for it (token ids; logprobs with details)."""
+    choice: dict[str, object] = {"index": 0, "text": text, "finish_reason": finish, "token_ids": ids}
+    if logprobs is not None:
+        choice["logprobs"] = {"tokens": [f"token_id:{i}" for i in ids], "token_logprobs": logprobs}
+    return "data: " + json.dumps({"choices": [choice], "usage": {"completion_tokens": 2, "prompt_tokens": 1}})
 
 
 def test_lmi_response_and_stream() -> None:
@@ -140,7 +158,7 @@ def test_lmi_response_and_stream() -> None:
         ],
         "usage": {"completion_tokens": 2},
     }
-    text = {5: "a", 6: "b"}.__getitem__
+    text = {5: "a", 6: "b", 7: "c"}.__getitem__
     assert to_lmi_response(response, request, text) == {
         "generated_text": "ab",
         "details": {
@@ -152,34 +170,48 @@ def test_lmi_response_and_stream() -> None:
     }
     stream = to_completion({"inputs": "p", "stream": True, "parameters": {"return_full_text": True}}, "m")
     state = StreamState()
-
-    def event(token: int, finish: str | None) -> str:
-        choice = {
-            "index": 0,
-            "text": text(token),
-            "finish_reason": finish,
-            "logprobs": {"tokens": [f"token_id:{token}"], "token_logprobs": [-0.5]},
-        }
-        return "data: " + json.dumps(
-            {"choices": [choice], "usage": {"completion_tokens": 1, "prompt_tokens": 1}}
-        )
-
-    first = to_lmi_stream_lines(event(5, None), stream, state, text)
-    last = to_lmi_stream_lines(event(6, "length"), stream, state, text)
+    # One token a chunk: the chunk's text is the token's text (vLLM's incremental detokenizer).
+    first = to_lmi_stream_lines(stream_event(" A", [5], None), stream, state, text)
     assert first == [
         {
             "index": 0,
-            "token": {"id": 5, "text": "a", "logprob": -0.5},
+            "token": {"id": 5, "text": " A", "logprob": None},
             "generated_text": None,
             "details": None,
         }
     ]
-    assert last[0]["generated_text"] == "pab"
+    # Several tokens a chunk (merged outputs): a line per token, each token decoded by itself.
+    last = to_lmi_stream_lines(stream_event("bc", [6, 7], "length"), stream, state, text)
+    assert [line["token"] for line in last] == [
+        {"id": 6, "text": "b", "logprob": None},
+        {"id": 7, "text": "c", "logprob": None},
+    ]
+    assert last[-1]["generated_text"] == "p Abc" and last[-1]["details"] is None
     assert to_lmi_stream_lines("data: [DONE]", stream, state, text) == []
+    detailed = to_completion({"inputs": "p", "stream": True, "parameters": {"details": True}}, "m")
+    lines = to_lmi_stream_lines(stream_event("a", [5], "stop", [-0.5]), detailed, StreamState(), text)
+    assert lines[0]["token"] == {"id": 5, "text": "a", "logprob": -0.5}
+    assert lines[0]["details"] == {
+        "finish_reason": "stop",
+        "seed": None,
+        "generated_tokens": 2,
+        "input_length": 1,
+    }
     error = to_lmi_stream_lines(
         'data: {"error": {"message": "bad", "code": 400}}', stream, StreamState(), text
     )
     assert error == [{"code": 400, "error": "bad"}]
+
+
+def test_response_format_frames_lines() -> None:
+    line = {"token": {"id": 1, "text": "é", "logprob": None}, "generated_text": None}
+    encoded = encode_line(line)
+    assert json.loads(encoded) == line and "é".encode() in encoded  # UTF-8, not \\u escapes
+    assert ResponseFormat().frame(b'{"a": 1}') == b'{"a": 1}\n'
+    assert ResponseFormat().stream_media_type == "application/jsonlines"
+    sse = ResponseFormat(stream="sse")
+    assert sse.frame(b'{"a": 1}') == b'data: {"a": 1}\n\n'
+    assert sse.stream_media_type == "text/event-stream"
 
 
 def test_djl_python_input_and_decode() -> None:

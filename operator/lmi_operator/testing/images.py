@@ -44,6 +44,8 @@ _SKIPPED_TOPS = {"proc", "sys", "dev"}
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 _BUILD_ENV_PREFIXES = (
     "PIP_",
+    # uv (tools/setup-venv.sh) trusts the bundle this names; the host's is bound over the image's.
+    "SSL_CERT_FILE",
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "NO_PROXY",
