@@ -103,6 +103,16 @@ def test_pod_is_restricted_and_gets_gpus_tolerations_and_probes() -> None:
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
+def test_probes_speak_https_when_the_runtime_serves_tls() -> None:
+    tls = {"ssl_keyfile": "/tls/tls.key", "ssl_certfile": "/tls/tls.crt"}
+    container = deployment(model(engine={"options": tls}))["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/ping", "port": "http", "scheme": "HTTPS"}
+    # A certificate alone serves no TLS (the runtime refuses it): the probes stay HTTP.
+    half = deployment(model(engine={"options": {"ssl_certfile": "/tls/tls.crt"}}))
+    assert "scheme" not in half["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+
+
 def test_gpu_resource_comes_from_spec_else_settings() -> None:
     amd = OperatorSettings(gpu_resource_name="amd.com/gpu")
     dep = render(model(), amd).by_kind("Deployment")
@@ -158,12 +168,16 @@ def test_engine_options_are_checked_against_the_pinned_vllm() -> None:
     assert check_options({"enforce_eager": "true", "limit_mm_per_prompt": '{"image": 1}'}) is None
     message = check_options({"enforce_eagr": "true", "max_num_seqs2": "3", "kv_cache_dtype": "fp8"})
     assert message is not None
-    assert "spec.engine.options.enforce_eagr: not an engine argument of vLLM" in message
+    assert "spec.engine.options.enforce_eagr: not an engine or server argument of vLLM" in message
     assert "did you mean enforce_eager" in message and "max_num_seqs2" in message
     assert "must be true or false" in str(check_options({"enforce_eager": "yes"}))
     assert "must be an integer" in str(check_options({"seed": "x"}))
     assert "must be JSON" in str(check_options({"limit_mm_per_prompt": "{image: 1"}))
     assert "set by the runtime itself" in str(check_options({"port": "9000"}))
+    # `vllm serve`'s own arguments reach the runtime too (runtime/lmi_runtime/server_setup.py)
+    server = {"ssl_keyfile": "/t/k", "ssl_certfile": "/t/c", "h11_max_header_count": "64"}
+    assert check_options({**server, "tool_call_parser": "hermes", "output_formatter": "sse"}) is None
+    assert "must be an integer" in str(check_options({"h11_max_header_count": "many"}))
 
 
 def observed(**kw: Any) -> Observed:

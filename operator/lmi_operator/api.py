@@ -415,8 +415,10 @@ class Engine(_Object):
         max_length=64,
         description=(
             "Any other vLLM engine argument, written as in serving.properties without the option. prefix "
-            "(enforce_eager: 'true', tokenizer_mode: mistral, limit_mm_per_prompt: '{\"image\": 1}'). "
-            "Values are strings; the runtime converts them and rejects unknown names."
+            "(enforce_eager: 'true', tokenizer_mode: mistral, limit_mm_per_prompt: '{\"image\": 1}'), "
+            "or an argument of `vllm serve` itself (ssl_keyfile and ssl_certfile, which also switch the "
+            "probes to HTTPS; tool_call_parser; h11_max_header_count) or an LMI option (output_formatter, "
+            "tgi_compat). Values are strings; the runtime converts them and rejects unknown names."
         ),
     )
 

@@ -1,5 +1,5 @@
-"""Checks of spec.engine.options that CEL cannot make: is each key an engine argument of the
-pinned vLLM (or an LMI option), and does its value parse as that argument's type?
+"""Checks of spec.engine.options that CEL cannot make: is each key an engine or server argument of
+the pinned vLLM (or an LMI option), and does its value parse as that argument's type?
 
 The table, vllm_engine_args.json, is generated from the installed vLLM by `make engine-args`, so
 the operator reports InvalidSpec before a pod spends minutes loading weights only to fail."""
@@ -28,7 +28,7 @@ def table() -> dict[str, Any]:
 def _known() -> dict[str, str]:
     t = table()
     lmi = t["lmi_options"]
-    known: dict[str, str] = dict(t["engine_args"])
+    known: dict[str, str] = {**t["server_args"], **t["engine_args"]}
     for lmi_name, vllm_name in lmi["renamed"].items():
         known[lmi_name] = known.get(vllm_name, "str")
     for name in [*lmi["lmi_only"], *lmi["removed_in_vllm"]]:
@@ -68,7 +68,8 @@ def check_options(options: Mapping[str, str]) -> str | None:
             close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             problems.append(
-                f"{where}: not an engine argument of vLLM {t['vllm_version']} nor an LMI option{hint}"
+                f"{where}: not an engine or server argument of vLLM {t['vllm_version']} nor an LMI "
+                f"option{hint}"
             )
         elif error := _type_error(value, known[key]):
             problems.append(f"{where}: {value!r} {error}")

@@ -191,8 +191,13 @@ def _resources(spec: LMIModelSpec, gpu_resource: str) -> dict[str, Any]:
 
 
 def _probes(spec: LMIModelSpec) -> dict[str, Any]:
+    # With both TLS files among the options the runtime serves HTTPS only, /ping included while it
+    # loads; the kubelet's HTTPS probes do not verify the certificate.
+    tls = {"ssl_keyfile", "ssl_certfile"} <= set(spec.engine.options)
+    scheme = {"scheme": "HTTPS"} if tls else {}
+
     def get(path: str) -> dict[str, Any]:
-        return {"path": path, "port": "http"}
+        return {"path": path, "port": "http", **scheme}
 
     return {
         # Weights may take an hour to download and load: the startup probe holds the others back

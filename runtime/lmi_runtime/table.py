@@ -9,10 +9,16 @@ from lmi_runtime.engine_args import VllmSchema
 
 
 def engine_args_table(schema: VllmSchema) -> dict[str, Any]:
-    """Engine argument names with simple types, and LMI's option names, in a stable order."""
+    """Engine and server argument names with simple types, and LMI's option names, in a stable order."""
     return {
         "vllm_version": schema.version,
         "engine_args": {name: schema.engine_fields[name] for name in sorted(schema.engine_fields)},
+        # `vllm serve`'s own arguments (TLS, keep-alive limits, parsers, CORS, ...): options too.
+        "server_args": {
+            dest: schema.args[dest].simple_type
+            for dest in sorted(schema.args)
+            if dest not in schema.engine_fields and dest not in lmi.RUNTIME_OWNED
+        },
         "lmi_options": {
             "renamed": dict(sorted(lmi.RENAMED.items())),
             "dtype_aliases": dict(sorted(lmi.DTYPE_ALIASES.items())),

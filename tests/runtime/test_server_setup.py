@@ -174,7 +174,8 @@ def _limit_open_files() -> None:
 def tls_server(
     tiny_model: TinyModel, vllm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[RuntimeServer, Path]]:
-    """A server with TLS (refreshed), keep-alive 1 s, header limits and a tool parser plugin."""
+    """A server with TLS (refreshed), keep-alive 1 s, header limits, a tool parser plugin and
+    option.tgi_compat (server-sent events, answers in a list)."""
     folder = tmp_path_factory.mktemp("tls")
     key, cert = write_certificate(folder, "first")
     plugin = folder / "lmi_parser_plugin.py"
@@ -192,6 +193,7 @@ def tls_server(
             tool_parser_plugin=str(plugin),
             enable_auto_tool_choice="true",
             tool_call_parser="lmi_test_parser",
+            tgi_compat="true",
         ),
     )
     env = {**vllm_env, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(KEEP_ALIVE_S)}
@@ -278,6 +280,27 @@ def test_tool_parser_plugin_serves_auto_tool_choice(tls_server: tuple[RuntimeSer
         )
     # vLLM refuses tool_choice "auto" (400) unless the auto tool choice parser is loaded
     assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.vllm
+def test_tgi_compat_streams_server_sent_events_and_lists_answers(
+    tls_server: tuple[RuntimeServer, Path],
+) -> None:
+    server, _ = tls_server
+    request = {"inputs": "the model", "parameters": {"max_new_tokens": 4, "do_sample": False}}
+    with server.client() as client:
+        answer = client.post("/invocations", json=request)
+        with client.stream("POST", "/invocations", json={**request, "stream": True}) as streamed:
+            media_type = streamed.headers["content-type"]
+            body = streamed.read().decode()
+    assert answer.status_code == 200
+    listed = answer.json()
+    assert isinstance(listed, list) and set(listed[0]) == {"generated_text"}
+    assert media_type.startswith("text/event-stream")
+    events = [event for event in body.split("\n\n") if event]
+    assert all(event.startswith("data: ") for event in events)
+    lines = [json.loads(event.removeprefix("data: ")) for event in events]
+    assert len(lines) == 4 and lines[-1]["generated_text"] == listed[0]["generated_text"]
 
 
 @pytest.mark.vllm
