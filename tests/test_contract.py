@@ -22,6 +22,7 @@ import yaml
 from lmi_operator.api import KIND, LMIModel, parse_lmimodel
 from lmi_operator.render import Rendered, render
 from lmi_operator.settings import OperatorSettings
+from lmi_runtime import model_store
 from lmi_runtime import options as lmi
 from lmi_runtime.adapters import preload_sources
 from lmi_runtime.cli import argument_parser
@@ -97,16 +98,35 @@ def config_mounts(rendered: Rendered) -> dict[PurePosixPath, str]:
 
 @pytest.mark.parametrize("dockerfile", RUNTIME_DOCKERFILES, ids=lambda path: path.name)
 @pytest.mark.parametrize("obj", MODELS, ids=_name)
-def test_the_pod_runs_lmi_runtime_serve_on_its_port_and_model_dir(
+def test_the_pod_runs_lmi_runtime_fetch_then_serve_on_its_port_and_model_dir(
     dockerfile: Path, obj: LMIModel, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rendered = render(obj, SETTINGS)
+    deployment = rendered.by_kind("Deployment")
+    assert deployment is not None
+    (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
     container = container_of(rendered)
-    argv = kubernetes_argv(exec_form(dockerfile, "ENTRYPOINT"), exec_form(dockerfile, "CMD"), container)
-    parsed = parse_runtime_argv(argv, capsys)
+    entrypoint, cmd = exec_form(dockerfile, "ENTRYPOINT"), exec_form(dockerfile, "CMD")
+    parsed = parse_runtime_argv(kubernetes_argv(entrypoint, cmd, container), capsys)
     assert parsed.command == "serve"
     assert [parsed.port] == [port["containerPort"] for port in container["ports"]]
     assert {path.parent for path in config_mounts(rendered)} == {PurePosixPath(parsed.model_dir)}
+    # The init container reads the same settings from the same folders: what it fetches into the
+    # cache is where the server looks.
+    fetch = parse_runtime_argv(kubernetes_argv(entrypoint, cmd, init), capsys)
+    assert (fetch.command, fetch.model_dir) == ("fetch", parsed.model_dir)
+    assert init["image"] == container["image"]
+    assert init["env"] == container["env"] and init["volumeMounts"] == container["volumeMounts"]
+    cache_mount(rendered)
+
+
+def cache_mount(rendered: Rendered) -> str:
+    """Where the model server mounts the cache volume, checked to be where LMI_CACHE_DIR points."""
+    container = container_of(rendered)
+    (mount,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "cache"]
+    env = {var["name"]: var.get("value") for var in container["env"]}
+    assert env[lmi.CACHE_ENV] == mount
+    return str(mount)
 
 
 @pytest.mark.parametrize("dockerfile", RUNTIME_DOCKERFILES, ids=lambda path: path.name)
@@ -134,20 +154,33 @@ def runtime_reads(
 ) -> tuple[ResolvedConfig, dict[str, str]]:
     """What `lmi-runtime args` resolves in the rendered pod, on a node with the GPUs it requests."""
     rendered = render(obj, SETTINGS)
+    cache_mount(rendered)
     for path, text in config_mounts(rendered).items():
         (model_dir / path.relative_to(lmi.MODEL_DIR)).write_text(text, encoding="utf-8")
     # Values from Secrets (HF_TOKEN) are not configuration; only literal values are.
     env = {var["name"]: var["value"] for var in container_of(rendered)["env"] if "value" in var}
-    config = resolve(load_settings(model_dir, env), env, schema, device_count=lambda: obj.spec.resources.gpus)
+    # The cache volume, mounted here rather than at the pod's path.
+    env[lmi.CACHE_ENV] = str(model_dir / "cache-volume")
+    settings = load_settings(model_dir, env)
+    # What the init container leaves in the cache: s3:// sources complete in their folders.
+    for source in model_store.sources(settings, env):
+        if source.is_s3:
+            folder = model_store.local_path(source, model_store.cache_dir(env))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / model_store.COMPLETE_MARKER).write_text("{}")
+    local = model_store.localize(settings, env, download=False)
+    config = resolve(local, env, schema, device_count=lambda: obj.spec.resources.gpus)
     return config, env
 
 
-def expected_engine_args(obj: LMIModel) -> dict[str, Any]:
+def expected_engine_args(obj: LMIModel, cache: str) -> dict[str, Any]:
     """The vLLM engine arguments the spec stands for (None: not set, vLLM's default applies)."""
     spec, engine = obj.spec, obj.spec.engine
     lora = spec.lora if spec.lora is not None and spec.lora.enabled else None
+    model = spec.model.id
     return {
-        "model": spec.model.id,
+        # An s3:// model is read from its folder in the cache, where the init container fetched it.
+        "model": f"{cache}/s3/{model.removeprefix('s3://')}" if model.startswith("s3://") else model,
         # As spec.model.servedModelName's description says.
         "served_model_name": [spec.model.served_model_name or spec.model.id],
         "revision": spec.model.revision,
@@ -178,7 +211,7 @@ def test_the_runtime_reads_the_model_the_spec_specifies(
     obj: LMIModel, schema: VllmSchema, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config, env = runtime_reads(obj, tmp_path, schema)
-    expected = expected_engine_args(obj)
+    expected = expected_engine_args(obj, env[lmi.CACHE_ENV])
     assert {key: config.engine_args.get(key) for key in expected} == expected
     assert config.served_model_names == expected["served_model_name"]
     assert config.mode == ("async" if obj.spec.engine.mode == "async" else "rolling_batch")
@@ -186,7 +219,13 @@ def test_the_runtime_reads_the_model_the_spec_specifies(
         assert hasattr(config.namespace, lmi.RENAMED.get(key, key)), f"engine.options.{key} was dropped"
     lora = obj.spec.lora
     adapters = {a.name: a.source for a in lora.adapters} if lora is not None and lora.enabled else {}
-    assert preload_sources(tmp_path, config.enable_lora, env) == adapters
+    # s3:// adapters load from where the init container fetched them: the cache volume's s3/ folder.
+    cache = env[lmi.CACHE_ENV]
+    fetched = {
+        n: f"{cache}/s3/{s.removeprefix('s3://')}" if s.startswith("s3://") else s
+        for n, s in adapters.items()
+    }
+    assert preload_sources(tmp_path, config.enable_lora, env) == fetched
     # load_handler puts the model folder on sys.path, as LMI does; the test's own path is restored.
     monkeypatch.setattr(sys, "path", list(sys.path))
     handler = obj.spec.handler

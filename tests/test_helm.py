@@ -279,7 +279,11 @@ def test_auth_can_i_allows_exactly_what_the_operator_does(cluster: LocalCluster,
         ],
         *[
             (v, r, "-n", m)
-            for r in ("poddisruptionbudgets.policy", "horizontalpodautoscalers.autoscaling")
+            for r in (
+                "poddisruptionbudgets.policy",
+                "horizontalpodautoscalers.autoscaling",
+                "persistentvolumeclaims",
+            )
             for v in ("create", "patch", "delete")
         ],
         ("watch", "pods", "-n", m),

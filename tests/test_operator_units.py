@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -430,6 +431,157 @@ def test_a_crash_shows_its_exit_and_last_words(the_pod: dict[str, Any], reason: 
     (ready, *_) = conditions_for(observed(deployment=NOT_READY, pods=[the_pod]))
     assert (ready["status"], ready["reason"]) == ("False", reason)
     assert says in ready["message"]
+
+
+def fetch_failed(exit_code: int, message: str, waiting: str = "CrashLoopBackOff") -> dict[str, Any]:
+    """A pod whose init container `fetch` failed, its status as a kubelet writes it."""
+    return pod(
+        phase="Pending",
+        initContainerStatuses=[
+            {
+                "name": "fetch",
+                "ready": False,
+                "restartCount": 2,
+                "state": {"waiting": {"reason": waiting}},
+                "lastState": {"terminated": {"exitCode": exit_code, "reason": "Error", "message": message}},
+            }
+        ],
+        containerStatuses=[
+            {"name": "model-server", "ready": False, "state": {"waiting": {"reason": "PodInitializing"}}}
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "reason", "says"),
+    [
+        (
+            3,
+            "DownloadFailed",
+            "pod m-1: lmi-runtime: error: download failed: OPTION_MODEL_ID=s3://models/x: AccessDenied: "
+            "these credentials may not list or read it (attempts: 3)",
+        ),
+        (
+            4,
+            "DownloadStalled",
+            "pod m-1: lmi-runtime: error: download stalled: OPTION_MODEL_ID=s3://models/x: "
+            "no progress for 600s",
+        ),
+    ],
+)
+def test_a_failed_or_stalled_download_is_reported_with_the_fetchs_words(
+    exit_code: int, reason: str, says: str
+) -> None:
+    words = says.split("pod m-1: ", 1)[1].split(" (attempts")[0]
+    # The first failure already counts: the init container is restarting, not yet in back-off.
+    for waiting in ("CrashLoopBackOff", "PodInitializing"):
+        the_pod = fetch_failed(exit_code, f"INFO listing s3://models/x\n{words}\n", waiting)
+        (ready, *_) = conditions_for(observed(deployment=NOT_READY, pods=[the_pod]))
+        assert (ready["status"], ready["reason"]) == ("False", reason)
+        assert ready["message"].startswith(says.split(" (attempts")[0])
+    # Any other failure of the init container (a configuration error) is a crash loop as before.
+    (ready, *_) = conditions_for(
+        observed(deployment=NOT_READY, pods=[fetch_failed(2, "lmi-runtime: error: x")])
+    )
+    assert ready["reason"] == "CrashLoop"
+
+
+def test_the_cache_is_an_empty_dir_a_named_claim_or_a_claim_the_operator_makes() -> None:
+    def cache_volume(obj: Any, settings: OperatorSettings = SETTINGS) -> dict[str, Any]:
+        dep = render(obj, settings).by_kind("Deployment")
+        assert dep is not None
+        return next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "cache")
+
+    assert cache_volume(model()) == {"name": "cache", "emptyDir": {}}
+    sized = model(cache={"emptyDir": {"sizeLimit": "50Gi"}})
+    assert cache_volume(sized) == {"name": "cache", "emptyDir": {"sizeLimit": "50Gi"}}
+    shared = model(cache={"persistentVolumeClaim": {"claimName": "models"}})
+    assert cache_volume(shared) == {"name": "cache", "persistentVolumeClaim": {"claimName": "models"}}
+    assert "PersistentVolumeClaim" not in kinds(shared)
+
+    owned = model(cache={"claimTemplate": {"size": "100Gi", "storageClassName": "fast"}})
+    assert cache_volume(owned) == {"name": "cache", "persistentVolumeClaim": {"claimName": "m-cache"}}
+    claim = render(owned, SETTINGS).by_kind("PersistentVolumeClaim")
+    assert claim is not None and claim["metadata"]["name"] == "m-cache"
+    assert claim["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "100Gi"}},
+        "storageClassName": "fast",
+    }
+    # The operator's default applies to models without spec.cache; a model's own cache wins.
+    default = OperatorSettings.from_env(
+        {"LMI_OPERATOR_DEFAULT_CACHE": '{"claimTemplate": {"size": "1Ti", "accessMode": "ReadWriteMany"}}'}
+    )
+    assert cache_volume(model(), default) == {
+        "name": "cache",
+        "persistentVolumeClaim": {"claimName": "m-cache"},
+    }
+    assert cache_volume(shared, default)["persistentVolumeClaim"] == {"claimName": "models"}
+    assert [o["kind"] for o in render(shared, default).objects].count("PersistentVolumeClaim") == 0
+
+
+def test_the_default_cache_setting_names_what_is_wrong() -> None:
+    for raw, says in [
+        (
+            '{"claimTemplat": {}}',
+            "LMI_OPERATOR_DEFAULT_CACHE='{\"claimTemplat\": {}}': claimTemplat: Extra inputs",
+        ),
+        (
+            '{"claimTemplate": {"size": "1Gi"}}',
+            "claimTemplate.accessMode must be ReadWriteMany in the default",
+        ),
+        ("{oops", "LMI_OPERATOR_DEFAULT_CACHE='{oops': Value error, Expecting property name"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            OperatorSettings.from_env({"LMI_OPERATOR_DEFAULT_CACHE": raw})
+        assert says in str(err.value)
+
+
+def test_the_init_container_downloads_without_gpus_and_s3_credentials_stay_references() -> None:
+    obj = model(
+        model={
+            "id": "s3://models/llama",
+            "s3": {
+                "credentialsSecretRef": {"name": "s3"},
+                "endpointUrl": "http://minio:9000",
+                "region": "eu-west-1",
+            },
+        },
+        startup={"downloadStallSeconds": 120},
+        serviceAccountName="reader",
+        resources={"gpus": 2, "cpu": 4, "memory": "32Gi"},
+    )
+    pod = deployment(obj)["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["args"] == ["fetch", "--model-dir", "/opt/ml/model"]
+    assert init["resources"] == {"requests": {"cpu": "4", "memory": "32Gi"}}
+    env = {e["name"]: e for e in init["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {
+        "secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}
+    }
+    assert env["AWS_SESSION_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio:9000"
+    assert env["AWS_REGION"]["value"] == "eu-west-1"
+    assert env["LMI_DOWNLOAD_STALL_SECONDS"]["value"] == "120"
+    # The runtime keys vLLM's compile cache itself; the pod no longer pins one folder for all.
+    assert "VLLM_CACHE_ROOT" not in env
+    assert pod["serviceAccountName"] == "reader" and pod["automountServiceAccountToken"] is True
+    config = render(obj, SETTINGS).by_kind("ConfigMap")
+    assert config is not None and "REPLACE" not in json.dumps(config)
+
+
+def test_a_single_replica_claim_refuses_more_replicas() -> None:
+    with pytest.raises(
+        ValueError, match=re.escape("cache.claimTemplate.accessMode other than ReadWriteMany")
+    ):
+        model(cache={"claimTemplate": {"size": "1Gi"}}, replicas=2)
+    with pytest.raises(ValueError, match=re.escape("spec.autoscaling.maxReplicas above 1")):
+        model(
+            cache={"claimTemplate": {"size": "1Gi", "accessMode": "ReadWriteOncePod"}},
+            autoscaling={"maxReplicas": 3, "targetCPUUtilizationPercentage": 50},
+        )
+    model(cache={"claimTemplate": {"size": "1Gi", "accessMode": "ReadWriteMany"}}, replicas=4)
 
 
 def test_a_crash_message_stays_short() -> None:

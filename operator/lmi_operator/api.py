@@ -223,6 +223,34 @@ class SecretKeyRef(_Object):
     key: str = Field("token", max_length=253, description="Key in the Secret that holds the value.")
 
 
+class SecretRef(_Object):
+    """A Secret in the LMIModel's namespace."""
+
+    name: ResourceName = Field(description="Name of the Secret.")
+
+
+class S3Access(_Object):
+    """How the pods reach S3 for s3:// sources (model.id and lora.adapters[].source), which are
+    downloaded into the cache before the server starts. Without credentialsSecretRef the AWS SDK's
+    default chain applies: the pod's service account (IRSA, EKS pod identity; spec.serviceAccountName)
+    or AWS_* variables in spec.env."""
+
+    credentials_secret_ref: SecretRef | None = Field(
+        None,
+        description="Secret with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and, optionally, "
+        "AWS_SESSION_TOKEN), passed to the pods by reference.",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        description="S3 API endpoint other than AWS's (MinIO, a local S3): AWS_ENDPOINT_URL_S3.",
+    )
+    region: str | None = Field(
+        None, max_length=64, pattern=r"^[a-z0-9-]+$", description="Region of the bucket (AWS_REGION)."
+    )
+
+
 class ModelSource(_Object):
     """Which model to serve (LMI option.model_id, option.revision, ...)."""
 
@@ -265,6 +293,7 @@ class ModelSource(_Object):
     hf_token_secret_ref: SecretKeyRef | None = Field(
         None, description="Secret holding a Hugging Face token (HF_TOKEN) for gated or private models."
     )
+    s3: S3Access | None = Field(None, description=S3Access.__doc__)
 
 
 # --- spec.engine -------------------------------------------------------------------------------
@@ -716,6 +745,15 @@ class Startup(_Object):
             "probe's budget; LMI option.model_loading_timeout). The default fits a 70B download and load."
         ),
     )
+    download_stall_seconds: int = Field(
+        600,
+        ge=30,
+        le=86400,
+        description=(
+            "A download into the cache that makes no progress for this long is stopped and reported "
+            "(status reason DownloadStalled) instead of waiting for the start-up budget."
+        ),
+    )
 
 
 class PodMetric(_Object):
@@ -825,6 +863,72 @@ class Rollout(_Object):
         return self.max_unavailable if self.max_unavailable is not None else 0
 
 
+# --- spec.cache -----------------------------------------------------------------------------------
+
+AccessMode = Literal["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"]
+_SHARED_ACCESS: AccessMode = "ReadWriteMany"
+
+
+class EmptyDirCache(_Object):
+    """A folder that lives and dies with the pod: every replica downloads and compiles anew."""
+
+    size_limit: Quantity | None = Field(None, description="Most the folder may hold (emptyDir sizeLimit).")
+
+
+class ClaimRef(_Object):
+    """A PersistentVolumeClaim you made in the model's namespace. ReadWriteMany lets every replica
+    (and other models) share it; ReadWriteOnce serves the replicas of one node."""
+
+    claim_name: ResourceName = Field(description="Name of the PersistentVolumeClaim.")
+
+
+class ClaimTemplate(_Object):
+    """A PersistentVolumeClaim the operator creates for this model, named <model>-cache, deleted with the
+    model. Its storage class and access mode cannot change once created (Kubernetes refuses)."""
+
+    size: Quantity = Field(
+        description="Storage requested: the weights plus vLLM's compile cache (a few GiB per configuration)."
+    )
+    storage_class_name: str | None = Field(
+        None, max_length=253, description="StorageClass of the claim; the cluster's default when unset."
+    )
+    access_mode: AccessMode = Field(
+        "ReadWriteOnce",
+        description="ReadWriteMany for more than one replica; ReadWriteOnce and ReadWriteOncePod serve one.",
+    )
+
+
+class Cache(_Object):
+    """Where the weights and vLLM's caches live. The model (s3:// or hub id) and s3:// adapters are
+    downloaded into it once, before the server starts; vLLM's compile cache sits in a sub-folder keyed
+    by the vLLM version, model, revision, parallelism, quantization, dtype and device, so a changed spec
+    never reuses a wrong artefact. Set at most one of emptyDir (the default), persistentVolumeClaim and
+    claimTemplate; the operator's defaultCache setting applies when spec.cache is unset."""
+
+    lmi_rules = (
+        Rule(
+            cel="(has(self.emptyDir) ? 1 : 0) + (has(self.persistentVolumeClaim) ? 1 : 0) + "
+            "(has(self.claimTemplate) ? 1 : 0) <= 1",
+            message="cache.emptyDir, cache.persistentVolumeClaim and cache.claimTemplate: set at most one; "
+            "the operator's defaultCache applies when none is set",
+            check=lambda c: (
+                sum(x is not None for x in (c.empty_dir, c.persistent_volume_claim, c.claim_template)) <= 1
+            ),
+        ),
+    )
+
+    empty_dir: EmptyDirCache | None = Field(None, description=EmptyDirCache.__doc__)
+    persistent_volume_claim: ClaimRef | None = Field(None, description=ClaimRef.__doc__)
+    claim_template: ClaimTemplate | None = Field(None, description=ClaimTemplate.__doc__)
+
+
+def _single_replica_claim(spec: LMIModelSpec) -> bool:
+    template = spec.cache.claim_template if spec.cache else None
+    if template is None or template.access_mode == _SHARED_ACCESS:
+        return True
+    return spec.replicas <= 1 and (spec.autoscaling is None or spec.autoscaling.max_replicas <= 1)
+
+
 # --- spec ----------------------------------------------------------------------------------------
 
 
@@ -887,6 +991,17 @@ class LMIModelSpec(_Object):
             field_path=".engine.quantize",
         ),
         Rule(
+            cel=(
+                "!has(self.cache) || !has(self.cache.claimTemplate) || "
+                f"self.cache.claimTemplate.accessMode == '{_SHARED_ACCESS}' || "
+                "(self.replicas <= 1 && (!has(self.autoscaling) || self.autoscaling.maxReplicas <= 1))"
+            ),
+            message="cache.claimTemplate.accessMode other than ReadWriteMany mounts the claim for one "
+            "replica: set it to ReadWriteMany for spec.replicas or spec.autoscaling.maxReplicas above 1",
+            check=_single_replica_claim,
+            field_path=".cache.claimTemplate.accessMode",
+        ),
+        Rule(
             cel=None,  # x-kubernetes-list-type=map with key name
             message="env names must be unique",
             check=lambda s: _unique(s.env, "name"),
@@ -919,6 +1034,12 @@ class LMIModelSpec(_Object):
     )
     startup: Startup = Field(
         default_factory=Startup, json_schema_extra=_OBJECT_DEFAULT, description=Startup.__doc__
+    )
+    cache: Cache | None = Field(None, description=Cache.__doc__)
+    service_account_name: ResourceName | None = Field(
+        None,
+        description="ServiceAccount of the pods, for cloud identities (IRSA, EKS pod identity, GKE workload "
+        "identity) that read s3:// or other sources; its token is mounted only then.",
     )
     autoscaling: Autoscaling | None = Field(None, description=Autoscaling.__doc__)
     rollout: Rollout = Field(

@@ -29,6 +29,7 @@ Key = tuple[str, str]
 OPTIONAL_KINDS = {
     "PodDisruptionBudget": "policy/v1",
     "HorizontalPodAutoscaler": "autoscaling/v2",
+    "PersistentVolumeClaim": "v1",
 }
 # The kinds the operator watches, kind -> apiVersion; a re-list of LMIModels checks them all (a kind
 # with nothing left to list yields no listing event of its own).

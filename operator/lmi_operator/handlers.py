@@ -27,6 +27,7 @@ CHILDREN: dict[tuple[str, str, str], str] = {
     ("apps", "v1", "deployments"): "Deployment",
     ("policy", "v1", "poddisruptionbudgets"): "PodDisruptionBudget",
     ("autoscaling", "v2", "horizontalpodautoscalers"): "HorizontalPodAutoscaler",
+    ("", "v1", "persistentvolumeclaims"): "PersistentVolumeClaim",
 }
 
 

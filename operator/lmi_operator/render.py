@@ -14,10 +14,18 @@ from typing import Any
 
 from lmi_operator.api import API_VERSION, KIND, LMIModel, LMIModelSpec
 from lmi_operator.properties import lmi_environment, lmi_options, serving_properties
+from lmi_operator.render_cache import (
+    CACHE_DIR,
+    CACHE_VOLUME,
+    cache_env,
+    cache_volume,
+    claim,
+    claim_name,
+    fetch_container,
+)
 from lmi_operator.settings import OperatorSettings
 from lmi_runtime.options import ADAPTERS_ENV, HANDLER_FILE, MODEL_DIR, PORT, PROPERTIES_FILE
 
-CACHE_DIR = "/opt/ml/cache"
 MODEL_LABEL = "serving.lmi.dev/model"
 CONFIG_HASH = "serving.lmi.dev/config-hash"
 # On every child: a digest of the whole object as rendered. A spec change that only removes fields
@@ -104,12 +112,7 @@ def _config_map(obj: LMIModel) -> dict[str, Any]:
 
 def _env(spec: LMIModelSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in lmi_environment(spec).items()]
-    env += [
-        {"name": "HF_HOME", "value": f"{CACHE_DIR}/hf"},
-        {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_DIR}/vllm"},
-        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
-        {"name": "HOME", "value": CACHE_DIR},
-    ]
+    env += cache_env(spec)
     if spec.lora is not None and spec.lora.enabled and spec.lora.adapters:
         adapters = {a.name: a.source for a in spec.lora.adapters}
         env.append({"name": ADAPTERS_ENV, "value": json.dumps(adapters, sort_keys=True)})
@@ -121,7 +124,7 @@ def _env(spec: LMIModelSpec) -> list[dict[str, Any]]:
     return env
 
 
-def _volumes(obj: LMIModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(obj: LMIModel, settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     spec = obj.spec
     cm = config_map_name(str(obj.metadata.name))
     shm: dict[str, Any] = {"medium": "Memory"}
@@ -129,13 +132,13 @@ def _volumes(obj: LMIModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         shm["sizeLimit"] = _quantity(spec.resources.shm_size)
     volumes: list[dict[str, Any]] = [
         {"name": "model-dir", "emptyDir": {}},
-        {"name": "cache", "emptyDir": {}},
+        cache_volume(obj, settings),
         {"name": "dshm", "emptyDir": shm},
         {"name": "lmi-config", "configMap": {"name": cm}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "model-dir", "mountPath": MODEL_DIR},
-        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": CACHE_VOLUME, "mountPath": CACHE_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
         {
             "name": "lmi-config",
@@ -214,7 +217,7 @@ def _probes(spec: LMIModelSpec) -> dict[str, Any]:
 
 def _pod_spec(obj: LMIModel, settings: OperatorSettings, gpu_resource: str) -> dict[str, Any]:
     spec = obj.spec
-    volumes, mounts = _volumes(obj)
+    volumes, mounts = _volumes(obj, settings)
     container: dict[str, Any] = {
         "name": "model-server",
         "image": spec.image or settings.runtime_image,
@@ -237,7 +240,8 @@ def _pod_spec(obj: LMIModel, settings: OperatorSettings, gpu_resource: str) -> d
         container["resources"] = resources
     container |= _probes(spec)
     pod: dict[str, Any] = {
-        "automountServiceAccountToken": False,
+        # The token is mounted only for a ServiceAccount the spec names (a cloud identity for S3).
+        "automountServiceAccountToken": spec.service_account_name is not None,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 60,
         "securityContext": {
@@ -247,9 +251,12 @@ def _pod_spec(obj: LMIModel, settings: OperatorSettings, gpu_resource: str) -> d
             "fsGroup": RUNTIME_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
+        "initContainers": [fetch_container(container)],
         "containers": [container],
         "volumes": volumes,
     }
+    if spec.service_account_name is not None:
+        pod["serviceAccountName"] = spec.service_account_name
     tolerations: list[dict[str, Any]] = []
     if spec.resources.gpus:
         # GPU node pools carry a NoSchedule taint on the GPU resource's name.
@@ -394,6 +401,9 @@ def render(obj: LMIModel, settings: OperatorSettings) -> Rendered:
     name = str(obj.metadata.name)
     config = _config_map(obj)
     objects = [config, _deployment(obj, settings, config), _service(obj)]
+    if cache_claim := claim(obj, settings, _meta(obj, claim_name(name))):
+        # Before the Deployment would be better, but pods wait for their claim by themselves.
+        objects.append(cache_claim)
     min_replicas = obj.spec.autoscaling.min_replicas if obj.spec.autoscaling else obj.spec.replicas
     if min_replicas > 1:
         objects.append(_pdb(obj))

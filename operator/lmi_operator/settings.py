@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lmi_operator.api import Cache
 
 ENV_PREFIX = "LMI_OPERATOR_"
 
@@ -41,6 +44,11 @@ class OperatorSettings(BaseModel):
     log_format: Literal["json", "plain", "full"] = Field(
         default="json", description="Log lines as JSON objects (structured) or as text."
     )
+    default_cache: Cache | None = Field(
+        default=None,
+        description="spec.cache of models that set none, as JSON (e.g. "
+        '{"claimTemplate": {"size": "200Gi", "accessMode": "ReadWriteMany"}}); unset: emptyDir.',
+    )
     stall_seconds: float = Field(
         default=300.0, gt=0, description="Liveness fails when the watch loop saw nothing for this long."
     )
@@ -50,6 +58,24 @@ class OperatorSettings(BaseModel):
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(n.strip() for n in value.split(",") if n.strip())
+        return value
+
+    @field_validator("default_cache", mode="before")
+    @classmethod
+    def _json(cls, value: object) -> object:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip() else None
+        return value
+
+    @field_validator("default_cache")
+    @classmethod
+    def _shared(cls, value: Cache | None) -> Cache | None:
+        template = value.claim_template if value else None
+        if template is not None and template.access_mode != "ReadWriteMany":
+            raise ValueError(
+                "claimTemplate.accessMode must be ReadWriteMany in the default: it serves models of any "
+                "replica count (a model that wants ReadWriteOnce sets spec.cache itself)"
+            )
         return value
 
     @classmethod
@@ -66,4 +92,6 @@ class OperatorSettings(BaseModel):
         except ValidationError as err:
             first = err.errors()[0]
             name = ENV_PREFIX + str(first["loc"][0]).upper()
-            raise ValueError(f"{name}={values.get(str(first['loc'][0]))!r}: {first['msg']}") from None
+            inner = ".".join(str(part) for part in first["loc"][1:])
+            where = f"{inner}: " if inner else ""
+            raise ValueError(f"{name}={values.get(str(first['loc'][0]))!r}: {where}{first['msg']}") from None

@@ -15,8 +15,9 @@ from typing import Any
 
 from lmi_operator.api import FIRST_CLASS_OPTIONS, LMI_DEFAULT_BATCH_SIZE, EngineMode
 from lmi_operator.render import CONFIG_HASH
+from lmi_operator.render_cache import FETCH_CONTAINER
 from lmi_runtime.errors import ERROR_PREFIX
-from lmi_runtime.options import PORT
+from lmi_runtime.options import EXIT_DOWNLOAD_FAILED, EXIT_DOWNLOAD_STALLED, PORT
 
 READY, PROGRESSING, DEGRADED, RECONCILING, STALLED = (
     "Ready",
@@ -41,11 +42,16 @@ OOM_KILLED = "OOMKilled"
 MISSING_SECRET = "MissingSecret"
 STARTUP_TIMEOUT = "StartupTimeout"
 INVALID_SPEC = "InvalidSpec"
+# The init container could not fetch the model or an adapter into the cache, or its download stalled.
+DOWNLOAD_FAILED = "DownloadFailed"
+DOWNLOAD_STALLED = "DownloadStalled"
 PROBLEM_REASONS = (
     INVALID_SPEC,
     MISSING_SECRET,
     INSUFFICIENT_GPU,
     IMAGE_PULL_FAILED,
+    DOWNLOAD_FAILED,
+    DOWNLOAD_STALLED,
     OOM_KILLED,
     CRASH_LOOP,
     STARTUP_TIMEOUT,
@@ -62,6 +68,8 @@ ASYNC_DEFAULT_MESSAGE = (
     f"set {BATCH_SIZE_FIELD} to raise it"
 )
 
+# Exit statuses of the init container `lmi-runtime fetch` (model_store) and what they mean.
+_DOWNLOAD_EXITS = {EXIT_DOWNLOAD_FAILED: DOWNLOAD_FAILED, EXIT_DOWNLOAD_STALLED: DOWNLOAD_STALLED}
 _IMAGE_PULL = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 # The most of a crashed container's termination message a condition quotes: one line a person acts
 # on, not the whole log tail (FallbackToLogsOnError puts up to 80 lines there).
@@ -177,9 +185,17 @@ def pod_problem(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
             # The kubelet's word (the operator reads no Secret): 'secret "x" not found' or
             # "couldn't find key k in Secret ns/x".
             return Problem(
-                MISSING_SECRET, f"pod {pod_name}: {detail} (the Secret of spec.model.hfTokenSecretRef)"
+                MISSING_SECRET,
+                f"pod {pod_name}: {detail} (a Secret the spec names: spec.model.hfTokenSecretRef, "
+                "spec.model.s3.credentialsSecretRef or spec.env)",
             )
         terminated = cs.get("state", {}).get("terminated") or cs.get("lastState", {}).get("terminated") or {}
+        if cs.get("name") == FETCH_CONTAINER and terminated.get("exitCode") in _DOWNLOAD_EXITS:
+            return Problem(
+                _DOWNLOAD_EXITS[terminated["exitCode"]],
+                f"pod {pod_name}: {last_words(str(terminated.get('message', '')))} "
+                f"(attempts: {cs.get('restartCount', 0) + 1})",
+            )
         if terminated.get("reason") == "OOMKilled":
             return Problem(
                 OOM_KILLED,

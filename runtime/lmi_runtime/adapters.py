@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmi_runtime.errors import RuntimeConfigError
+from lmi_runtime.model_store import adapter_paths
 from lmi_runtime.options import ADAPTERS_ENV
 from lmi_runtime.vllm_compat import vllm_attr
 
@@ -64,7 +65,8 @@ def preload_sources(model_dir: Path, enable_lora: bool, environ: Mapping[str, st
         raise RuntimeConfigError(
             f"{ADAPTERS_ENV}: adapter {clash[0]!r} is also a folder under {model_dir / ADAPTERS_DIR}"
         )
-    return sources | dict(sorted(listed.items()))
+    # s3:// adapters were fetched into the cache (model_store): they load from there.
+    return sources | dict(sorted(adapter_paths(listed, environ).items()))
 
 
 def _error_of(result: Any) -> tuple[int, str] | None:

@@ -1,5 +1,6 @@
-"""lmi-runtime: `args` prints the resolved engine arguments, `serve` serves, `engine-args-table`
-prints the installed vLLM's argument table. Logs go to stderr; configuration errors are one line."""
+"""lmi-runtime: `args` prints the resolved engine arguments, `fetch` downloads the model and
+adapters into the cache (the pods' init container), `serve` serves, `engine-args-table` prints the
+installed vLLM's argument table. Logs go to stderr; configuration and download errors are one line."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmi_runtime.errors import ERROR_PREFIX, HandlerLoadError, RuntimeConfigError
+from lmi_runtime.errors import ERROR_PREFIX, DownloadError, HandlerLoadError, RuntimeConfigError
 from lmi_runtime.options import MODEL_DIR, PORT
 
 logger = logging.getLogger("lmi_runtime")
@@ -35,6 +36,8 @@ def argument_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     args_cmd = commands.add_parser("args", help="print the resolved vLLM engine arguments as JSON")
     args_cmd.add_argument("--model-dir", default=MODEL_DIR, type=Path)
+    fetch_cmd = commands.add_parser("fetch", help="download the model and adapters into the cache")
+    fetch_cmd.add_argument("--model-dir", default=MODEL_DIR, type=Path)
     serve_cmd = commands.add_parser("serve", help="serve the model over the LMI and OpenAI APIs")
     serve_cmd.add_argument("--model-dir", default=MODEL_DIR, type=Path)
     serve_cmd.add_argument("--port", default=PORT, type=int)
@@ -56,15 +59,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lmi_runtime.server import serve
 
             return serve(options.model_dir, options.host, options.port)
+        if options.command == "fetch":
+            # No vLLM import: the init container only reads the settings and downloads.
+            from lmi_runtime.model_store import fetch_all
+            from lmi_runtime.properties import load_settings
+
+            fetch_all(load_settings(options.model_dir, os.environ), os.environ)
+            return 0
         # vLLM's import may attach handlers to stdout; bind them to stderr so stdout stays pure JSON.
         with contextlib.redirect_stdout(sys.stderr):
             from lmi_runtime.engine_args import load_schema, resolve
             from lmi_runtime.properties import load_settings
 
             if options.command == "args":
-                document: object = resolve(
-                    load_settings(options.model_dir, os.environ), os.environ
-                ).engine_args
+                from lmi_runtime.model_store import localize
+
+                settings = localize(load_settings(options.model_dir, os.environ), os.environ, download=False)
+                document: object = resolve(settings, os.environ).engine_args
             else:
                 from lmi_runtime.table import engine_args_table
 
@@ -74,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeConfigError, HandlerLoadError) as error:
         sys.stderr.write(f"{ERROR_PREFIX}{error}\n")
         return 2
+    except DownloadError as error:
+        sys.stderr.write(f"{ERROR_PREFIX}download failed: {error}\n")
+        return error.exit_status
 
 
 if __name__ == "__main__":

@@ -35,3 +35,23 @@ def visible_gpu_count(environ: Mapping[str, str], device_count: Callable[[], int
 def max_tensor_parallel(gpus: int, pipeline_parallel: int) -> int:
     """LMI's `max`: all visible GPUs divided by the pipeline degree, at least 1 (CPU)."""
     return max(1, gpus // max(1, pipeline_parallel))
+
+
+def device_product(proc: Path = Path("/proc")) -> str:
+    """The accelerator's product name (compile artefacts are only valid on the same one): the GPUs'
+    models from the NVIDIA driver's /proc files, else the CPU's model name. No CUDA is initialised."""
+    gpus = sorted(
+        line.split(":", 1)[1].strip()
+        for info in proc.glob("driver/nvidia/gpus/*/information")
+        for line in info.read_text(errors="replace").splitlines()
+        if line.startswith("Model:")
+    )
+    if gpus:
+        # The first model: a pod's GPUs are of one product (the count is the parallelism's business).
+        return gpus[0]
+    cpuinfo = proc / "cpuinfo"
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return "cpu: " + line.split(":", 1)[1].strip()
+    return "cpu"

@@ -285,9 +285,9 @@ def _model(wanted: dict[str, Setting], model_dir: Path) -> Setting:
             load_format = wanted.get("load_format")
             if load_format is None or "runai" not in load_format.value:
                 raise RuntimeConfigError(
-                    f"{setting.describe()}: this runtime does not download from S3; copy the model "
-                    "into the model directory (or a mounted volume) and point model_id at it, "
-                    "or set option.load_format=runai_streamer"
+                    f"{setting.describe()}: not fetched into the cache ($LMI_CACHE_DIR) yet: "
+                    "`lmi-runtime fetch` downloads it (the operator's init container runs it; `serve` "
+                    "does too), or set option.load_format=runai_streamer to stream it"
                 )
         elif value.startswith("/") and not Path(value).exists():
             raise RuntimeConfigError(f"{setting.describe()}: no such file or folder")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lmi_runtime.options import EXIT_DOWNLOAD_FAILED
+
 # How the CLI starts the one line it prints for these errors; the operator finds that line in a
 # crashed pod's log tail (its termination message) and shows it in the model's status.
 ERROR_PREFIX = "lmi-runtime: error: "
@@ -17,3 +19,10 @@ class RuntimeConfigError(Exception):
 
 class HandlerLoadError(Exception):
     """The custom handler (model.py) cannot be imported; the message names the file and line."""
+
+
+class DownloadError(Exception):
+    """A model or adapter source that cannot be fetched; the message names the source and what to
+    check. `exit_status` tells the operator which status reason it is (see model_store)."""
+
+    exit_status = EXIT_DOWNLOAD_FAILED

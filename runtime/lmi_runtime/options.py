@@ -123,6 +123,13 @@ DEFAULT_SERVED_MODEL_NAME: Final[str] = "lmi"
 # Environment variables the runtime reads as model configuration. OPTION_<NAME> is option.<name>.
 OPTION_ENV_PREFIX: Final = "OPTION_"
 MODEL_ID_ENV: Final = "HF_MODEL_ID"
+# The cache folder the model and adapters are fetched into (a volume the operator mounts), and how
+# long a download may go without progress (model_store).
+CACHE_ENV: Final = "LMI_CACHE_DIR"
+STALL_ENV: Final = "LMI_DOWNLOAD_STALL_SECONDS"
+# Exit statuses of `lmi-runtime fetch` that the operator names status reasons after.
+EXIT_DOWNLOAD_FAILED: Final = 3
+EXIT_DOWNLOAD_STALLED: Final = 4
 REVISION_ENV: Final = "HF_REVISION"
 TENSOR_PARALLEL_DEGREE_ENV: Final = "TENSOR_PARALLEL_DEGREE"
 # Not LMI's: the operator lists spec.lora.adapters here as a JSON object {name: source}.

@@ -30,6 +30,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from lmi_runtime import compile_cache, model_store
 from lmi_runtime.adapters import AdapterError, AdapterRegistry, preload_sources
 from lmi_runtime.engine_args import ResolvedConfig, resolve
 from lmi_runtime.errors import RuntimeConfigError
@@ -48,6 +49,7 @@ from lmi_runtime.lmi_schema import (
     to_lmi_response,
     to_lmi_stream_lines,
 )
+from lmi_runtime.options import CACHE_ENV
 from lmi_runtime.properties import load_settings
 from lmi_runtime.server_setup import (
     max_header_count,
@@ -495,10 +497,19 @@ async def _serve(
 
 def serve(model_dir: Path, host: str, port: int) -> int:
     """Serve the model in `model_dir` until stopped; returns the exit status."""
-    settings = load_settings(model_dir, os.environ)
+    raw = load_settings(model_dir, os.environ)
+    # Sources the init container did not fetch (serve run on its own) are fetched now.
+    settings = model_store.localize(raw, os.environ, download=True, set_env=os.environ.__setitem__)
     config = resolve(settings, os.environ)
     handle = load_handler(model_dir)
     preload = preload_sources(model_dir, config.enable_lora, os.environ)
+    if CACHE_ENV in os.environ:
+        # Read by vLLM when the engine starts, not at import.
+        model = raw.options.get("model_id") or raw.options.get("model")
+        source = model.value if model else str(model_dir)
+        cache = model_store.cache_dir(os.environ)
+        os.environ["VLLM_CACHE_ROOT"] = str(compile_cache.prepare(cache, config.engine_args, source))
+        logger.info("vLLM compile cache: %s", os.environ["VLLM_CACHE_ROOT"])
     config.namespace.host = host
     config.namespace.port = port
     validate_server_args(config.namespace)

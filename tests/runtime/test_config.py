@@ -167,7 +167,12 @@ BAD_CONFIGURATIONS: list[tuple[dict[str, str], dict[str, str], str | None, list[
     ),
     ({"option.port": "9000"}, {}, None, ["option.port=9000", "set by the runtime"]),
     ({"option.host": "0.0.0.0"}, {}, None, ["option.host=0.0.0.0", "set by the runtime"]),
-    ({"option.model_id": "s3://bucket/llama"}, {}, None, ["option.model_id=s3://bucket/llama", "S3"]),
+    (
+        {"option.model_id": "s3://bucket/llama"},
+        {},
+        None,
+        ["option.model_id=s3://bucket/llama", "lmi-runtime fetch"],
+    ),
     ({}, {"HF_MODEL_ID": "/no/such/model"}, None, ["HF_MODEL_ID=/no/such/model", "no such file or folder"]),
     (
         {"option.quantize": "fp8"},

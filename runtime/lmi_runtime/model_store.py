@@ -1,0 +1,380 @@
+"""Model and adapter sources fetched into the cache folder, once per source.
+
+`lmi-runtime fetch` (the pods' init container) downloads every source the configuration names
+(option.model_id, the adapters of $LMI_ADAPTERS) into the cache folder ($LMI_CACHE_DIR, a volume the
+replicas may share) before the server starts; `serve` then finds them there and downloads nothing.
+
+- `s3://bucket/prefix`: every object under the prefix, with boto3 (credentials from the pod's
+  environment: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, IRSA, pod identity; endpoint from
+  AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL), into <cache>/s3/<bucket>/<prefix>. With
+  option.load_format=runai_streamer the model is streamed by vLLM instead and not fetched.
+- A Hugging Face hub id: the files vLLM loads (the config and tokenizer files, and one weight
+  format: safetensors when the repository has them), into the hub cache under $HF_HOME, where vLLM
+  and transformers look. Once fetched, `serve` runs with HF_HUB_OFFLINE=1: no request to the hub.
+- A path: nothing to fetch.
+
+A source is fetched under a file lock next to its folder, into a sibling `.partial` folder renamed
+into place when complete, then marked complete; a second replica (or a second model with the same
+source and revision) waits for the lock and finds the marker. A download that makes no progress for
+$LMI_DOWNLOAD_STALL_SECONDS ends the process with exit status 4 and a message saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmi_runtime.errors import ERROR_PREFIX, DownloadError
+from lmi_runtime.options import ADAPTERS_ENV, CACHE_ENV, EXIT_DOWNLOAD_STALLED, STALL_ENV
+from lmi_runtime.properties import LmiSettings, Setting
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STALL_SECONDS = 600.0
+# Written into a source's folder (S3) or the marker folder (hub) once every file is in place.
+COMPLETE_MARKER = ".lmi-complete"
+# Hub files that are never loaded by vLLM: the original (non-HF) checkpoints some repositories carry.
+_HUB_SKIPPED = ("original/*", "*.pth", "consolidated*")
+_HUB_WEIGHTS = ("*.safetensors", "*.bin", "*.pt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One thing to fetch: an s3:// URL or a hub id (with its revision), and what named it."""
+
+    value: str
+    label: str
+    revision: str | None = None
+
+    @property
+    def is_s3(self) -> bool:
+        """Whether the source is an s3:// URL."""
+        return self.value.startswith("s3://")
+
+    @property
+    def is_hub(self) -> bool:
+        """Whether the source is a Hugging Face hub id (org/name)."""
+        return _HUB_ID.fullmatch(self.value) is not None
+
+    def describe(self) -> str:
+        """`label=value`, as every message names a setting."""
+        return f"{self.label}={self.value}"
+
+
+def cache_dir(environ: Mapping[str, str]) -> Path:
+    """The cache folder: $LMI_CACHE_DIR (the operator's volume), else ~/.cache/lmi."""
+    configured = environ.get(CACHE_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "lmi"
+
+
+def s3_location(url: str) -> tuple[str, str]:
+    """(bucket, prefix without a trailing slash) of an s3:// URL."""
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    return bucket, prefix.strip("/")
+
+
+def local_path(source: Source, cache: Path) -> Path:
+    """Where an s3:// source lives in the cache once fetched."""
+    bucket, prefix = s3_location(source.value)
+    return cache / "s3" / bucket / prefix if prefix else cache / "s3" / bucket
+
+
+def _hub_marker(source: Source, cache: Path) -> Path:
+    name = source.value.replace("/", "--")
+    return cache / "hub-fetched" / f"{name}@{source.revision or 'main'}"
+
+
+def _marker_of(source: Source, cache: Path) -> Path:
+    return local_path(source, cache) if source.is_s3 else _hub_marker(source, cache)
+
+
+def is_fetched(source: Source, cache: Path) -> bool:
+    """Whether `source` is complete in the cache."""
+    return (_marker_of(source, cache) / COMPLETE_MARKER).is_file()
+
+
+def _streamed(settings: LmiSettings) -> bool:
+    load_format = settings.options.get("load_format")
+    return load_format is not None and "runai" in load_format.value
+
+
+def sources(settings: LmiSettings, environ: Mapping[str, str]) -> list[Source]:
+    """The sources to fetch: the model (unless vLLM streams it) and every listed adapter."""
+    found: list[Source] = []
+    model = settings.options.get("model_id") or settings.options.get("model")
+    revision = settings.options.get("revision")
+    if model is not None and not (model.value.startswith("s3://") and _streamed(settings)):
+        source = Source(model.value.strip(), model.label, revision.value if revision else None)
+        if source.is_s3 or source.is_hub:
+            found.append(source)
+    raw = environ.get(ADAPTERS_ENV)
+    listed = json.loads(raw) if raw else {}
+    if isinstance(listed, dict):
+        for name, value in sorted(listed.items()):
+            if isinstance(value, str) and value.startswith("s3://"):
+                found.append(Source(value, f"{ADAPTERS_ENV}[{name}]"))
+    return found
+
+
+# --- the stall watchdog --------------------------------------------------------------------------
+
+
+def _size_of(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                continue  # renamed into place meanwhile
+    return total
+
+
+class _Watchdog:
+    """Ends the process when the bytes under `path` stop growing for `stall_seconds`.
+
+    A blocked socket read cannot be interrupted from another thread, so the only way out of a hung
+    download is the process's exit: the lock goes with it, the `.partial` folder is removed by the
+    next attempt."""
+
+    def __init__(self, source: Source, path: Path, stall_seconds: float, poll: float = 2.0) -> None:
+        self.source, self.path, self.stall_seconds, self.poll = source, path, stall_seconds, poll
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="download-watchdog", daemon=True)
+
+    def __enter__(self) -> _Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        size, since = -1, time.monotonic()
+        while not self._done.wait(self.poll):
+            now_size = _size_of(self.path)
+            if now_size != size:
+                size, since = now_size, time.monotonic()
+            elif time.monotonic() - since >= self.stall_seconds:
+                sys.stderr.write(
+                    f"{ERROR_PREFIX}download stalled: {self.source.describe()}: no progress for "
+                    f"{self.stall_seconds:.0f}s at {size / 2**20:.1f} MiB "
+                    f"(spec.startup.downloadStallSeconds, ${STALL_ENV})\n"
+                )
+                sys.stderr.flush()
+                os._exit(EXIT_DOWNLOAD_STALLED)
+
+
+# --- S3 ------------------------------------------------------------------------------------------
+
+# S3 error codes and what a person should check, in the message of the status.
+_S3_ADVICE = {
+    "InvalidAccessKeyId": "the access key id is not known to S3: check AWS_ACCESS_KEY_ID",
+    "SignatureDoesNotMatch": "the secret access key does not match the key id: check AWS_SECRET_ACCESS_KEY",
+    "AccessDenied": "these credentials may not list or read it: grant s3:ListBucket and s3:GetObject",
+    "NoSuchBucket": "no such bucket",
+    "ExpiredToken": "the session token has expired",
+    "InvalidToken": "the session token is not valid",
+}
+
+
+def _s3_error(source: Source, error: Exception) -> DownloadError:
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code", "error"))
+        detail = _S3_ADVICE.get(code, str(error.response.get("Error", {}).get("Message", error)))
+        return DownloadError(f"{source.describe()}: {code}: {detail}")
+    if isinstance(error, NoCredentialsError):
+        return DownloadError(
+            f"{source.describe()}: no AWS credentials: set spec.model.s3.credentialsSecretRef, or give the "
+            "pod's service account an IAM role (IRSA, pod identity)"
+        )
+    if isinstance(error, EndpointConnectionError):
+        return DownloadError(f"{source.describe()}: cannot reach the S3 endpoint: {error}")
+    return DownloadError(f"{source.describe()}: {type(error).__name__}: {error}")
+
+
+def _s3_client() -> Any:
+    import boto3
+    from botocore.config import Config
+
+    # Standard retries: throttling and 5xx are retried, a wrong key or a denial is not.
+    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+
+
+def _fetch_s3(source: Source, dest: Path) -> int:
+    """Every object under the source's prefix into `dest`; returns the bytes fetched."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = s3_location(source.value)
+    client = _s3_client()
+    total = 0
+    try:
+        keys: list[tuple[str, int]] = []
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""
+        ):
+            keys += [
+                (o["Key"], int(o["Size"])) for o in page.get("Contents", []) if not o["Key"].endswith("/")
+            ]
+        if not keys:
+            raise DownloadError(f"{source.describe()}: no objects under this prefix (is the path right?)")
+        for key, size in keys:
+            relative = key[len(prefix) :].lstrip("/") if prefix else key
+            target = dest / relative
+            if ".." in Path(relative).parts:
+                raise DownloadError(f"{source.describe()}: object key {key!r} leaves the prefix")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(target))
+            total += size
+    except (ClientError, BotoCoreError) as error:
+        raise _s3_error(source, error) from None
+    return total
+
+
+# --- Hugging Face hub ------------------------------------------------------------------------------
+
+
+def hub_patterns(files: list[str]) -> list[str]:
+    """The files of a hub repository vLLM loads: everything but weights, plus one weight format
+    (the first of safetensors, bin, pt that the repository has, as vLLM picks), no original/ copy."""
+    from fnmatch import fnmatch
+
+    def kept(name: str) -> bool:
+        return not any(fnmatch(name, pattern) for pattern in _HUB_SKIPPED)
+
+    wanted = [name for name in files if kept(name) and not any(fnmatch(name, p) for p in _HUB_WEIGHTS)]
+    for pattern in _HUB_WEIGHTS:
+        weights = [name for name in files if kept(name) and fnmatch(name, pattern)]
+        if weights:
+            return sorted(wanted + weights)
+    return sorted(wanted)
+
+
+def _fetch_hub(source: Source, environ: Mapping[str, str]) -> int:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    token = environ.get("HF_TOKEN") or None
+    try:
+        files = HfApi(token=token).list_repo_files(source.value, revision=source.revision)
+        path = snapshot_download(
+            source.value, revision=source.revision, allow_patterns=hub_patterns(files), token=token
+        )
+    except HfHubHTTPError as error:
+        raise DownloadError(f"{source.describe()}: the hub refused: {str(error).splitlines()[0]}") from None
+    except OSError as error:
+        raise DownloadError(f"{source.describe()}: {type(error).__name__}: {error}") from None
+    return _size_of(Path(path))
+
+
+def _hub_blobs(source: Source, environ: Mapping[str, str]) -> Path:
+    home = Path(environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    return home / "hub" / f"models--{source.value.replace('/', '--')}"
+
+
+# --- fetching --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What fetching one source did: downloaded `bytes`, or found it in the cache."""
+
+    source: Source
+    hit: bool
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+def fetch(source: Source, cache: Path, environ: Mapping[str, str]) -> Fetched:
+    """Make `source` complete in `cache`, downloading it unless a marker says it is there."""
+    from filelock import FileLock
+
+    marker_dir = _marker_of(source, cache)
+    if (marker_dir / COMPLETE_MARKER).is_file():
+        return Fetched(source, hit=True)
+    marker_dir.parent.mkdir(parents=True, exist_ok=True)
+    stall = float(environ.get(STALL_ENV) or DEFAULT_STALL_SECONDS)
+    with FileLock(str(marker_dir) + ".lock"):
+        # Another replica may have finished while this one waited for the lock.
+        if (marker_dir / COMPLETE_MARKER).is_file():
+            return Fetched(source, hit=True)
+        started = time.monotonic()
+        if source.is_s3:
+            partial = marker_dir.with_name(marker_dir.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            with _Watchdog(source, partial, stall):
+                size = _fetch_s3(source, partial)
+            shutil.rmtree(marker_dir, ignore_errors=True)
+            partial.rename(marker_dir)
+        else:
+            blobs = _hub_blobs(source, environ)
+            blobs.mkdir(parents=True, exist_ok=True)
+            with _Watchdog(source, blobs, stall):
+                size = _fetch_hub(source, environ)
+            marker_dir.mkdir(parents=True, exist_ok=True)
+        seconds = time.monotonic() - started
+        record = {"source": source.value, "revision": source.revision, "bytes": size, "seconds": seconds}
+        (marker_dir / COMPLETE_MARKER).write_text(json.dumps(record) + "\n", encoding="utf-8")
+        return Fetched(source, hit=False, bytes=size, seconds=seconds)
+
+
+def fetch_all(settings: LmiSettings, environ: Mapping[str, str]) -> list[Fetched]:
+    """Fetch every source the configuration names (the init container's work)."""
+    cache = cache_dir(environ)
+    results = []
+    for source in sources(settings, environ):
+        done = fetch(source, cache, environ)
+        if done.hit:
+            logger.info("cache hit: %s is in %s; nothing downloaded", source.describe(), cache)
+        else:
+            logger.info("fetched %s: %.1f MiB in %.1fs", source.describe(), done.bytes / 2**20, done.seconds)
+        results.append(done)
+    return results
+
+
+def localize(
+    settings: LmiSettings,
+    environ: Mapping[str, str],
+    *,
+    download: bool,
+    set_env: Callable[[str, str], None] | None = None,
+) -> LmiSettings:
+    """The settings with fetched sources pointing into the cache: a fetched s3:// model id becomes
+    its folder there. With `download`, sources not fetched yet are fetched first (`serve` run without
+    the init container); `set_env` receives HF_HUB_OFFLINE=1 once the hub model is complete."""
+    cache = cache_dir(environ)
+    options = dict(settings.options)
+    for source in sources(settings, environ):
+        if download:
+            fetch(source, cache, environ)
+        if source.is_hub and is_fetched(source, cache) and set_env is not None:
+            set_env("HF_HUB_OFFLINE", "1")
+        if source.is_s3 and not source.label.startswith(ADAPTERS_ENV) and is_fetched(source, cache):
+            key = "model_id" if "model_id" in options else "model"
+            options[key] = Setting(str(local_path(source, cache)), options[key].label)
+    return dataclasses.replace(settings, options=options)
+
+
+def adapter_paths(listed: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    """$LMI_ADAPTERS' sources with s3:// URLs replaced by their folders in the cache."""
+    cache = cache_dir(environ)
+    return {
+        name: str(local_path(Source(value, name), cache)) if value.startswith("s3://") else value
+        for name, value in listed.items()
+    }
