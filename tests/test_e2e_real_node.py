@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,9 +19,11 @@ import pytest
 
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster
-from lmi_operator.testing.node import NODE_NAME, RealNode, node_selector, tolerations
+from lmi_operator.testing.node import NODE_IP, NODE_NAME, RealNode, node_selector, tolerations
 from lmi_operator.testing.operator import OperatorThread
 from lmi_operator.testing.product_images import cpu_model
+from lmi_operator.testing.s3_server import REGION, Credentials, S3Server, read_policy, s3_server
+from lmi_operator.testing.tiny_model import build_model
 from tests.conftest import ADAPTER_PATH, MODEL_PATH, fresh_namespace
 from tests.test_operator import apply, condition
 from tests.test_operator import get as get_object
@@ -327,3 +330,176 @@ def test_a_missing_hf_token_secret_is_reported_from_the_kubelet_and_recovers(
     assert operator.reconciler is not None
     assert not [p for _, p in operator.reconciler.client.requests_by_path if "/secrets" in p]
     real_cluster.kubectl("delete", "lmimodel", "gated", "-n", namespace, "--wait=false")
+
+
+# --- model cache and S3 sources ---------------------------------------------------------------------
+
+
+class Bucket:
+    """moto's S3 server on the node's address (pods reach it through the bridge), holding the tiny
+    model, with a user who may read it and one who may not."""
+
+    def __init__(self, server: S3Server) -> None:
+        self.server = server
+        self.reader = server.user("reader", read_policy("models"))
+        self.nobody = server.user("nobody", None)
+        self.log = Path()
+
+    def object_reads(self) -> int:
+        """GET requests for objects of the bucket the server has answered so far (its access log)."""
+        return sum(1 for line in self.log.read_text().splitlines() if '"GET /models/tiny/' in line)
+
+    def secret(self, name: str, creds: Credentials) -> dict[str, Any]:
+        """A Secret holding `creds` under the keys spec.model.s3.credentialsSecretRef reads."""
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": creds.env()}
+
+    def source(self, secret: str) -> dict[str, Any]:
+        """spec.model.s3 for this server."""
+        return {
+            "credentialsSecretRef": {"name": secret},
+            "endpointUrl": self.server.endpoint,
+            "region": REGION,
+        }
+
+
+@pytest.fixture(scope="module")
+def bucket(node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bucket]:
+    root = tmp_path_factory.mktemp("s3")
+    build_model(root / "tiny")
+    with s3_server(host=NODE_IP, log=root / "moto.log") as server:
+        server.upload("models", "tiny", root / "tiny")
+        found = Bucket(server)
+        found.log = root / "moto.log"
+        yield found
+
+
+def shared_claim(cluster: LocalCluster, namespace: str, folder: Path) -> str:
+    """A ReadWriteMany claim in `namespace` bound to a hostPath volume at `folder` on the node."""
+    folder.mkdir(mode=0o777)
+    folder.chmod(0o777)  # the pods run as uid 1000; hostPath volumes get no fsGroup
+    volume = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"{namespace}-models"},
+        "spec": {
+            "capacity": {"storage": "10Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "persistentVolumeReclaimPolicy": "Delete",
+            "storageClassName": "e2e-host",
+            "hostPath": {"path": str(folder), "type": "Directory"},
+            "claimRef": {"namespace": namespace, "name": "models"},
+        },
+    }
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "models"},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "e2e-host",
+            "volumeName": f"{namespace}-models",
+            "resources": {"requests": {"storage": "10Gi"}},
+        },
+    }
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(volume))
+    apply(cluster, namespace, claim)
+    return "models"
+
+
+def fetch_log(cluster: LocalCluster, namespace: str, pod: dict[str, Any]) -> str:
+    """What the pod's init container `fetch` wrote."""
+    return cluster.kubectl("logs", "-n", namespace, pod["metadata"]["name"], "-c", "fetch").stdout
+
+
+def test_an_s3_model_is_fetched_once_into_a_shared_claim_and_the_second_replica_downloads_nothing(
+    real_cluster: LocalCluster,
+    operator: OperatorThread,
+    model_image: str,
+    namespace: str,
+    bucket: Bucket,
+    tmp_path: Path,
+) -> None:
+    apply(real_cluster, namespace, bucket.secret("s3-reader", bucket.reader))
+    claim = shared_claim(real_cluster, namespace, tmp_path / "models")
+    doc = cpu_model("from-s3", model_image, "s3://models/tiny")
+    doc["spec"]["model"]["s3"] = bucket.source("s3-reader")
+    doc["spec"]["cache"] = {"persistentVolumeClaim": {"claimName": claim}}
+    before = bucket.object_reads()
+    apply(real_cluster, namespace, doc)
+    obj = wait_ready(real_cluster, namespace, "from-s3")
+    (first,) = pods(real_cluster, namespace, "from-s3")
+    assert "fetched option.model_id=s3://models/tiny" in fetch_log(real_cluster, namespace, first)
+    fetched = bucket.object_reads() - before
+    assert fetched >= 3, "config, tokenizer and weights were read from S3"
+    # The files and vLLM's keyed compile-cache folder are on the claim, where the next replica looks.
+    assert (tmp_path / "models" / "s3" / "models" / "tiny" / ".lmi-complete").is_file()
+    (key_file,) = (tmp_path / "models" / "vllm").glob("*/key.json")
+    assert json.loads(key_file.read_text())["model"] == "s3://models/tiny"
+    # Every phase of the start, with how long it took: the pod's and the runtime's own.
+    startup = obj["status"]["startup"]
+    assert startup["phase"] == "Ready", startup
+    (replica,) = startup["replicas"]
+    assert set(replica["seconds"]) == {"Pending", "Downloading", "Starting", "LoadingWeights", "Compiling"}, (
+        replica
+    )
+    with serving(real_cluster, namespace, "svc/from-s3") as client:
+        assert generate(client, "the model")
+
+    real_cluster.kubectl(
+        "patch", "lmimodel", "from-s3", "-n", namespace, "--type=merge", "-p", '{"spec":{"replicas":2}}'
+    )
+    with explained(real_cluster, namespace, "from-s3"):
+        eventually(
+            lambda: (
+                get(real_cluster, namespace, "lmimodel", "from-s3").get("status", {}).get("readyReplicas")
+                == 2
+            ),
+            timeout=READY_TIMEOUT,
+            interval=3,
+            what="two ready replicas",
+        )
+    (second,) = [
+        p
+        for p in pods(real_cluster, namespace, "from-s3")
+        if p["metadata"]["name"] != first["metadata"]["name"]
+    ]
+    assert "cache hit: option.model_id=s3://models/tiny" in fetch_log(real_cluster, namespace, second)
+    assert bucket.object_reads() - before == fetched, "the second replica read nothing from S3"
+    assert len(list((tmp_path / "models" / "vllm").glob("*/key.json"))) == 1, "one compile-cache key"
+    real_cluster.kubectl("delete", "lmimodel", "from-s3", "-n", namespace, "--wait=false")
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("missing", "option.model_id=s3://models/absent: no objects under this prefix"),
+        (
+            "denied",
+            "option.model_id=s3://models/tiny: AccessDenied: these credentials may not list or read it",
+        ),
+    ],
+)
+def test_an_s3_source_that_cannot_be_fetched_is_reported_as_download_failed(
+    real_cluster: LocalCluster,
+    operator: OperatorThread,
+    model_image: str,
+    namespace: str,
+    bucket: Bucket,
+    case: str,
+    says: str,
+) -> None:
+    creds = bucket.reader if case == "missing" else bucket.nobody
+    apply(real_cluster, namespace, bucket.secret("s3-creds", creds))
+    doc = cpu_model(case, model_image, "s3://models/absent" if case == "missing" else "s3://models/tiny")
+    doc["spec"]["model"]["s3"] = bucket.source("s3-creds")
+    apply(real_cluster, namespace, doc)
+
+    def reported() -> dict[str, Any] | None:
+        ready = condition(get(real_cluster, namespace, "lmimodel", case), "Ready")
+        return ready if ready.get("reason") == "DownloadFailed" else None
+
+    with explained(real_cluster, namespace, case):
+        ready = eventually(reported, timeout=180, interval=2, what="reason DownloadFailed")
+    assert f"lmi-runtime: error: download failed: {says}" in ready["message"], ready
+    obj = get(real_cluster, namespace, "lmimodel", case)
+    assert obj["status"]["startup"]["phase"] in ("Pending", "Downloading"), obj["status"]

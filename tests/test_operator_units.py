@@ -24,6 +24,7 @@ from lmi_operator.events import EventRecorder
 from lmi_operator.kube import load_credentials
 from lmi_operator.properties import serving_properties
 from lmi_operator.render import CONFIG_HASH, MODEL_LABEL, desired_replicas, render
+from lmi_operator.replica_phases import startup_status
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.status import (
     BATCH_SIZE_DEFAULTED,
@@ -582,6 +583,138 @@ def test_a_single_replica_claim_refuses_more_replicas() -> None:
             autoscaling={"maxReplicas": 3, "targetCPUUtilizationPercentage": 50},
         )
     model(cache={"claimTemplate": {"size": "1Gi", "accessMode": "ReadWriteMany"}}, replicas=4)
+
+
+def starting_pod(name: str, **status: Any) -> dict[str, Any]:
+    """A replica created at 11:00:00 with the given status (as a kubelet writes it)."""
+    return {"metadata": {"name": name, "creationTimestamp": "2026-11-27T11:00:00Z"}, "status": status}
+
+
+FETCHED = {
+    "name": "fetch",
+    "state": {
+        "terminated": {
+            "exitCode": 0,
+            "startedAt": "2026-11-27T11:00:05Z",
+            "finishedAt": "2026-11-27T11:01:05Z",
+        }
+    },
+}
+RUNNING_SERVER = {
+    "name": "model-server",
+    "ready": False,
+    "state": {"running": {"startedAt": "2026-11-27T11:01:06Z"}},
+}
+
+
+def test_each_replicas_phase_comes_from_its_pod_and_its_runtimes_report() -> None:
+    pending = starting_pod("p-pending", conditions=[{"type": "PodScheduled", "status": "False"}])
+    downloading = starting_pod(
+        "p-downloading",
+        initContainerStatuses=[
+            {"name": "fetch", "state": {"running": {"startedAt": "2026-11-27T11:00:03Z"}}}
+        ],
+    )
+    starting = starting_pod("p-starting", initContainerStatuses=[FETCHED], containerStatuses=[RUNNING_SERVER])
+    compiling = starting_pod(
+        "p-compiling", initContainerStatuses=[FETCHED], containerStatuses=[RUNNING_SERVER]
+    )
+    ready = starting_pod(
+        "p-ready",
+        initContainerStatuses=[FETCHED],
+        containerStatuses=[RUNNING_SERVER | {"ready": True}],
+        conditions=[{"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-27T11:02:30Z"}],
+    )
+    runtime = {
+        # 11:01:50 UTC, 40 s into the server's start.
+        "p-compiling": {
+            "phase": "Compiling",
+            "since": 1795777310.4,
+            "seconds": {"Starting": 14.2, "LoadingWeights": 30.0},
+        },
+        "p-ready": {
+            "phase": "Ready",
+            "since": 1795777350.0,
+            "seconds": {"Starting": 14, "LoadingWeights": 30, "Compiling": 40},
+        },
+    }
+    status = startup_status([ready, compiling, starting, downloading, pending], runtime)
+    assert status is not None and status["phase"] == "Pending"
+    by_pod = {entry["pod"]: entry for entry in status["replicas"]}
+    assert [e["pod"] for e in status["replicas"]] == [
+        "p-pending",
+        "p-downloading",
+        "p-starting",
+        "p-compiling",
+        "p-ready",
+    ]
+    assert by_pod["p-pending"] == {
+        "pod": "p-pending",
+        "phase": "Pending",
+        "since": "2026-11-27T11:00:00Z",
+        "seconds": {},
+    }
+    assert by_pod["p-downloading"] == {
+        "pod": "p-downloading",
+        "phase": "Downloading",
+        "since": "2026-11-27T11:00:03Z",
+        "seconds": {"Pending": 3},
+    }
+    # Without the runtime's report the pod only tells that the server started.
+    assert (
+        by_pod["p-starting"]["phase"] == "Starting"
+        and by_pod["p-starting"]["since"] == "2026-11-27T11:01:06Z"
+    )
+    assert by_pod["p-starting"]["seconds"] == {"Pending": 5, "Downloading": 60}
+    assert by_pod["p-compiling"] == {
+        "pod": "p-compiling",
+        "phase": "Compiling",
+        "since": "2026-11-27T11:01:50Z",
+        "seconds": {"Pending": 5, "Downloading": 60, "Starting": 14, "LoadingWeights": 30},
+    }
+    assert by_pod["p-ready"] == {
+        "pod": "p-ready",
+        "phase": "Ready",
+        "since": "2026-11-27T11:02:30Z",
+        "seconds": {"Pending": 5, "Downloading": 60, "Starting": 14, "LoadingWeights": 30, "Compiling": 40},
+    }
+    assert startup_status([], {}) is None
+
+
+def test_the_startup_status_is_written_and_stays_stable() -> None:
+    pods = [starting_pod("p-1", initContainerStatuses=[FETCHED], containerStatuses=[RUNNING_SERVER])]
+    startup = startup_status(pods, {})
+    obs = observed(deployment=NOT_READY, pods=pods, startup=startup, startup_timeout_seconds=7200)
+    status = build_status(obs, None)
+    assert status["startup"] == {"phase": "Starting", "replicas": startup["replicas"]}  # type: ignore[index]
+    later = Observed(**{**obs.__dict__, "now": NOW + datetime.timedelta(minutes=5)})
+    assert build_status(later, status) == status
+    # The status schema holds what the operator writes.
+    parse_lmimodel(
+        {
+            "apiVersion": "serving.lmi.dev/v1alpha1",
+            "kind": "LMIModel",
+            "metadata": {"name": "m"},
+            "spec": {"model": {"id": "org/m"}},
+            "status": status,
+        }
+    )
+
+
+def test_a_restart_by_the_startup_probe_is_a_startup_timeout_not_a_crash() -> None:
+    # The kubelet stopped the server after the whole budget (600 s) without it ever being ready.
+    the_pod = crashed(137, "Error", "INFO loading weights\n")
+    terminated = the_pod["status"]["containerStatuses"][0]["lastState"]["terminated"]
+    terminated |= {"startedAt": "2026-11-27T11:40:00Z", "finishedAt": "2026-11-27T11:50:05Z"}
+    (ready, *_) = conditions_for(observed(deployment=NOT_READY, pods=[the_pod]))
+    assert (ready["status"], ready["reason"]) == ("False", "StartupTimeout")
+    assert (
+        "was restarted after 605s without becoming ready, over spec.startup.timeoutSeconds=600"
+        in ready["message"]
+    )
+    # A short run that crashed is a crash.
+    (ready, *_) = conditions_for(observed(deployment=NOT_READY, pods=[crashed(137, "Error", "x\n")]))
+    assert ready["reason"] == "CrashLoop"
 
 
 def test_a_crash_message_stays_short() -> None:

@@ -1088,6 +1088,33 @@ class Condition(_Object):
     )
 
 
+StartupPhase = Literal["Pending", "Downloading", "Starting", "LoadingWeights", "Compiling", "Ready"]
+
+
+class ReplicaStartup(_Object):
+    """One replica's start: the phase it is in, since when, and how long each phase before took."""
+
+    pod: str = Field(max_length=253, description="The replica's pod.")
+    phase: StartupPhase = Field(
+        description="Pending (scheduling, image), Downloading (the model into the cache), Starting (the "
+        "server and vLLM's engine process), LoadingWeights, Compiling (torch.compile, KV cache profiling, "
+        "CUDA graphs, warm-up), Ready."
+    )
+    since: Annotated[datetime, Field(strict=False)] | None = Field(None, description="When the phase began.")
+    seconds: dict[str, int] = Field(
+        default_factory=dict, max_length=8, description="Whole seconds each finished phase took, by phase."
+    )
+
+
+class StartupStatus(_Object):
+    """How the replicas' starts are going (the Startup column shows `phase`)."""
+
+    phase: StartupPhase | None = Field(None, description="The phase of the replica furthest from Ready.")
+    replicas: list[ReplicaStartup] = Field(
+        default_factory=list, max_length=32, description="Each replica's start, least advanced first."
+    )
+
+
 class LMIModelStatus(_Object):
     """The observed state, written by the operator only."""
 
@@ -1116,6 +1143,7 @@ class LMIModelStatus(_Object):
         max_length=128,
         description="The LMI options the runtime was given, after defaults and 'max'.",
     )
+    startup: StartupStatus | None = Field(None, description=StartupStatus.__doc__)
 
 
 # --- the object ----------------------------------------------------------------------------------

@@ -81,6 +81,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
         "description": "Reason of the Ready condition.",
     },
+    {
+        "name": "Startup",
+        "type": "string",
+        "jsonPath": ".status.startup.phase",
+        "description": "The start-up phase of the replica furthest from Ready.",
+    },
     {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpus", "priority": 1},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

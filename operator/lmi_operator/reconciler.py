@@ -19,7 +19,7 @@ from lmi_operator.events import EventRecorder
 from lmi_operator.kube import KubeClient
 from lmi_operator.memory import Trimmer
 from lmi_operator.settings import OperatorSettings
-from lmi_operator.status_report import RECHECK_SECONDS, StatusReporter, parse
+from lmi_operator.status_report import StatusReporter, parse
 from lmi_operator.workqueue import WorkQueue
 
 
@@ -73,8 +73,8 @@ class Reconciler:
         self.status_queue.add(key)
 
     async def _report(self, key: Key) -> None:
-        if await self.status.report(key):
-            self.status_queue.add_after(key, RECHECK_SECONDS)
+        if (again := await self.status.report(key)) is not None:
+            self.status_queue.add_after(key, again)
 
     def _deleted(self, key: Key) -> None:
         self.status.forget(key)

@@ -111,16 +111,20 @@ class Observed:
     # the mode applies); the mode is None when the spec could not be read or applied.
     engine_mode: EngineMode | None = None
     max_rolling_batch_size: int | None = None
+    # status.startup as `replica_phases` makes it (None: no pods, or the spec could not be read).
+    startup: Mapping[str, Any] | None = None
     now: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
 
 
-def _parse_time(value: str | None) -> datetime.datetime | None:
+def parse_time(value: str | None) -> datetime.datetime | None:
+    """A Kubernetes timestamp (RFC 3339, whole seconds, UTC), or None."""
     if not value:
         return None
     return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
 
 
-def _rfc3339(ts: datetime.datetime) -> str:
+def rfc3339(ts: datetime.datetime) -> str:
+    """A timestamp as Kubernetes writes them."""
     return ts.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -168,6 +172,13 @@ def _termination(terminated: Mapping[str, Any]) -> str:
     return f"{text}: {words}" if words else text
 
 
+def _ran_seconds(terminated: Mapping[str, Any]) -> int | None:
+    started, finished = parse_time(terminated.get("startedAt")), parse_time(terminated.get("finishedAt"))
+    if started is None or finished is None or terminated.get("reason") == "OOMKilled":
+        return None
+    return int((finished - started).total_seconds())
+
+
 def pod_problem(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
     """What is wrong with one pod, if anything, most actionable first."""
     if problem := _insufficient_gpu(obs, pod):
@@ -196,6 +207,15 @@ def pod_problem(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
                 f"pod {pod_name}: {last_words(str(terminated.get('message', '')))} "
                 f"(attempts: {cs.get('restartCount', 0) + 1})",
             )
+        if (ran := _ran_seconds(terminated)) is not None and ran >= obs.startup_timeout_seconds:
+            # The kubelet stops a container whose start outlasts the startup probe's budget: a last
+            # run that long, never ready, was that stop (not a crash), whatever its exit code.
+            return Problem(
+                STARTUP_TIMEOUT,
+                f"pod {pod_name}: container {cs.get('name')} was restarted after {ran}s without becoming "
+                f"ready, over spec.startup.timeoutSeconds={obs.startup_timeout_seconds} "
+                f"(restarts: {cs.get('restartCount', 0)}); status.startup shows the phase it is in now",
+            )
         if terminated.get("reason") == "OOMKilled":
             return Problem(
                 OOM_KILLED,
@@ -209,7 +229,7 @@ def pod_problem(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
                 f"pod {pod_name}: container {cs.get('name')} is crash-looping "
                 f"(restarts: {cs.get('restartCount', 0)}, {_termination(terminated)})",
             )
-        started = _parse_time((cs.get("state", {}).get("running") or {}).get("startedAt"))
+        started = parse_time((cs.get("state", {}).get("running") or {}).get("startedAt"))
         if started and not cs.get("ready") and not cs.get("started", False):
             loading = (obs.now - started).total_seconds()
             if loading > obs.startup_timeout_seconds:
@@ -338,7 +358,7 @@ def build_status(obs: Observed, previous: Mapping[str, Any] | None) -> dict[str,
     for cond in conditions_for(obs):
         old = before.get(cond["type"])
         changed = old is None or old.get("status") != cond["status"]
-        stamp = _rfc3339(obs.now) if changed or not old else old.get("lastTransitionTime", _rfc3339(obs.now))
+        stamp = rfc3339(obs.now) if changed or not old else old.get("lastTransitionTime", rfc3339(obs.now))
         conditions.append(cond | {"lastTransitionTime": stamp, "observedGeneration": obs.generation})
     replicas, ready, _, _, _ = _deployment_numbers(obs)
     return {
@@ -350,4 +370,4 @@ def build_status(obs: Observed, previous: Mapping[str, Any] | None) -> dict[str,
         "endpoint": f"http://{obs.name}.{obs.namespace}.svc.cluster.local:{PORT}",
         "engineOptions": {k: _fit(v) for k, v in sorted(obs.engine_options.items())},
         "conditions": conditions,
-    }
+    } | ({"startup": dict(obs.startup)} if obs.startup is not None else {})

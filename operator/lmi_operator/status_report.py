@@ -27,11 +27,15 @@ from lmi_operator.render import (
     selector_of,
     selector_string,
 )
+from lmi_operator.replica_phases import server_starting, startup_status
 from lmi_operator.settings import OperatorSettings
+from lmi_operator.startup_reader import StartupReader
 from lmi_operator.status import INSUFFICIENT_GPU, READY, Observed, build_status, problem_of
 
-# How often to look again at a model whose pods are loading (to notice a StartupTimeout).
+# How often to look again at a model whose pods are loading (to notice a StartupTimeout), and at one
+# whose model server is starting (to follow its start-up phases).
 RECHECK_SECONDS = 30.0
+STARTING_RECHECK_SECONDS = 10.0
 
 
 def parse(body: Mapping[str, Any]) -> tuple[LMIModel | None, str | None]:
@@ -79,36 +83,42 @@ class StatusReporter:
         self.settings = settings
         self.events = events
         self.gpus = GpuCapacity(client)
+        self.startups = StartupReader()
         self._reasons: dict[Key, str] = {}
 
-    async def report(self, key: Key) -> bool:
-        """Write one model's status from what is observed now; True when it is not Ready yet while
-        pods exist (so that a slow start is looked at again)."""
+    async def report(self, key: Key) -> float | None:
+        """Write one model's status from what is observed now; return when to look again (None: only
+        when something changes): soon while a model server starts, later while pods are not Ready."""
         st = self.cache.current(key)
         if st is None or st.model is None:
-            return False
+            return None
         body = st.model
         obj, invalid = parse(body)
         invalid = invalid or st.apply_error
         if obj is None or invalid is not None:
             await self._write(key, body, self._observed(key, st, body, None, invalid=invalid))
-            return False
+            return None
         # Status read from a partial cache would be rewritten for nothing (then back): see the Deployment.
         await self.cache.read_missing(key, [("apps/v1", "Deployment", key[1])])
         observed = self._observed(key, st, body, obj, options=lmi_options(obj.spec))
+        runtime = await self.startups.read(key, observed.pods)
+        observed = dataclasses.replace(observed, startup=startup_status(observed.pods, runtime))
         problem = problem_of(observed)
         if problem is not None and problem.reason == INSUFFICIENT_GPU:
             free = await self.gpus.free_by_node(observed.gpu_resource)
             observed = dataclasses.replace(observed, free_gpus_by_node=free)
         status = await self._write(key, body, observed)
+        if any(server_starting(pod) for pod in observed.pods):
+            return STARTING_RECHECK_SECONDS
         ready = next(c for c in status["conditions"] if c["type"] == READY)
-        return ready["status"] != "True" and bool(st.pods)
+        return RECHECK_SECONDS if ready["status"] != "True" and st.pods else None
 
     def forget(self, key: Key) -> None:
         """The model is gone: it no longer counts in the models-by-reason gauge, and its Events
         are no longer remembered for aggregation."""
         self._track(key, None)
         self.events.forget(*key)
+        self.startups.forget(key)
 
     def _observed(
         self,

@@ -127,6 +127,8 @@ MODEL_ID_ENV: Final = "HF_MODEL_ID"
 # long a download may go without progress (model_store).
 CACHE_ENV: Final = "LMI_CACHE_DIR"
 STALL_ENV: Final = "LMI_DOWNLOAD_STALL_SECONDS"
+# The route that reports the start-up phases and their durations (the operator reads it).
+STARTUP_PATH: Final = "/startup"
 # Exit statuses of `lmi-runtime fetch` that the operator names status reasons after.
 EXIT_DOWNLOAD_FAILED: Final = 3
 EXIT_DOWNLOAD_STALLED: Final = 4

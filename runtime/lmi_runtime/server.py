@@ -49,7 +49,7 @@ from lmi_runtime.lmi_schema import (
     to_lmi_response,
     to_lmi_stream_lines,
 )
-from lmi_runtime.options import CACHE_ENV
+from lmi_runtime.options import CACHE_ENV, STARTUP_PATH
 from lmi_runtime.properties import load_settings
 from lmi_runtime.server_setup import (
     max_header_count,
@@ -59,6 +59,7 @@ from lmi_runtime.server_setup import (
     uvicorn_options,
     validate_server_args,
 )
+from lmi_runtime.startup_phases import StartupPhases
 from lmi_runtime.vllm_compat import vllm_attr
 
 logger = logging.getLogger(__name__)
@@ -101,11 +102,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _loading_app(model_name: str) -> Asgi:
+def _loading_app(model_name: str, phases: StartupPhases) -> Asgi:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        if scope["path"] == "/ping":
+        if scope["path"] == STARTUP_PATH:
+            response = JSONResponse(phases.report())
+        elif scope["path"] == "/ping":
             response = JSONResponse({model_name: {"status": "Loading"}}, status_code=503)
         else:
             response = _error(503, "the model is loading")
@@ -121,9 +124,11 @@ class LoadingServer:
     its own thread; connections that arrive while it hands over wait in the socket's backlog.
     """
 
-    def __init__(self, sock: socket.socket, model_name: str, tls: dict[str, Any]) -> None:
+    def __init__(
+        self, sock: socket.socket, model_name: str, tls: dict[str, Any], phases: StartupPhases
+    ) -> None:
         config = uvicorn.Config(
-            _loading_app(model_name), lifespan="off", log_config=None, access_log=False, **tls
+            _loading_app(model_name, phases), lifespan="off", log_config=None, access_log=False, **tls
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -152,6 +157,7 @@ class LmiService:
     chat: Any
     registry: AdapterRegistry
     tokenizer: Any
+    phases: StartupPhases
 
     @property
     def model_name(self) -> str:
@@ -169,6 +175,10 @@ class LmiService:
             logger.error("health check failed: %s", error)
             return JSONResponse({self.model_name: {"status": "Unhealthy"}}, status_code=503)
         return JSONResponse({self.model_name: {"status": "Healthy"}})
+
+    async def startup(self) -> Response:
+        """GET /startup: the start-up phases and how long each took (the operator's status reads it)."""
+        return JSONResponse(self.phases.report())
 
     async def predict(self, model_name: str, request: Request) -> Response:
         """POST /predictions/{model}: /invocations for a named model."""
@@ -316,6 +326,7 @@ def install_routes(app: FastAPI, service: LmiService) -> None:
     """Put LMI's routes in front of vLLM's (the first matching route wins)."""
     router = APIRouter()
     router.add_api_route("/ping", service.ping, methods=["GET", "POST"])
+    router.add_api_route(STARTUP_PATH, service.startup, methods=["GET"])
     router.add_api_route("/invocations", service.invoke, methods=["POST"])
     router.add_api_route("/predictions/{model_name}", service.predict, methods=["POST"])
     for prefix in ("", "/models/{model_name}"):
@@ -443,11 +454,15 @@ async def _watch_engine(engine: Any, server: uvicorn.Server, failed: list[bool])
 
 
 async def _serve(
-    config: ResolvedConfig, handle: Handle | None, preload: dict[str, str], sock: socket.socket
+    config: ResolvedConfig,
+    handle: Handle | None,
+    preload: dict[str, str],
+    sock: socket.socket,
+    phases: StartupPhases,
 ) -> int:
     started = time.monotonic()
     name = config.served_model_names[0]
-    loading = LoadingServer(sock.dup(), name, tls_options(config.namespace))
+    loading = LoadingServer(sock.dup(), name, tls_options(config.namespace), phases)
     loading.start()
     try:
         async with vllm_attr("build_async_engine_client")(config.namespace) as engine:
@@ -460,7 +475,7 @@ async def _serve(
                 await registry.register(adapter, source)
             completion = getattr(app.state, "openai_serving_completion", None)
             chat = getattr(app.state, "openai_serving_chat", None)
-            service = LmiService(config, handle, engine, completion, chat, registry, tokenizer)
+            service = LmiService(config, handle, engine, completion, chat, registry, tokenizer, phases)
             install_routes(app, service)
             set_runtime(RuntimeServices(engine, completion, chat, name, config.properties))
             routing = AdapterRouting(app, registry, max_header_count(config.namespace))
@@ -473,7 +488,13 @@ async def _serve(
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, setattr, server, "should_exit", True)
             loading.stop()
-            logger.info("ready after %.1f s: serving %s", time.monotonic() - started, name)
+            phases.ready()
+            logger.info(
+                "ready after %.1f s: serving %s; start-up phases (s): %s",
+                time.monotonic() - started,
+                name,
+                json.dumps(phases.report()["seconds"]),
+            )
             failed: list[bool] = []
             watchdog = asyncio.create_task(_watch_engine(engine, server, failed))
             await server.serve(sockets=[sock])
@@ -497,6 +518,8 @@ async def _serve(
 
 def serve(model_dir: Path, host: str, port: int) -> int:
     """Serve the model in `model_dir` until stopped; returns the exit status."""
+    phases = StartupPhases()
+    phases.watch_output()
     raw = load_settings(model_dir, os.environ)
     # Sources the init container did not fetch (serve run on its own) are fetched now.
     settings = model_store.localize(raw, os.environ, download=True, set_env=os.environ.__setitem__)
@@ -522,6 +545,6 @@ def serve(model_dir: Path, host: str, port: int) -> int:
     try:
         import uvloop
 
-        return int(uvloop.run(_serve(config, handle, preload, sock)))
+        return int(uvloop.run(_serve(config, handle, preload, sock, phases)))
     except ImportError:
-        return asyncio.run(_serve(config, handle, preload, sock))
+        return asyncio.run(_serve(config, handle, preload, sock, phases))

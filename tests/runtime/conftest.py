@@ -78,6 +78,8 @@ class RuntimeServer:
     tls_ca: Path | None = None  # the certificate a TLS server is verified with
     startup_s: float = 0.0
     pings_before_ready: list[tuple[int, dict[str, object]]] = field(default_factory=list)
+    # GET /startup's answers while loading: the phase the server said it was in.
+    phases_before_ready: list[str] = field(default_factory=list)
 
     def client(self) -> httpx.Client:
         """An HTTP client for this server."""
@@ -136,6 +138,8 @@ def start_server(
                 server.startup_s = time.monotonic() - started
                 return server
             server.pings_before_ready.append((response.status_code, response.json()))
+            with contextlib.suppress(httpx.TransportError):
+                server.phases_before_ready.append(str(client.get(f"{server.url}/startup").json()["phase"]))
             time.sleep(1)
     server.stop()
     raise AssertionError(f"server not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")

@@ -19,7 +19,10 @@ from lmi_runtime import compile_cache, model_store
 from lmi_runtime.model_store import Source, hub_patterns
 from lmi_runtime.options import EXIT_DOWNLOAD_FAILED, EXIT_DOWNLOAD_STALLED
 from lmi_runtime.properties import load_settings
-from tests.runtime.conftest import TinyModel, runtime_command
+from tests.runtime.conftest import (
+    TinyModel,
+    runtime_command,
+)
 
 BUCKET = "models"
 MODEL_URL = f"s3://{BUCKET}/llama/tiny"

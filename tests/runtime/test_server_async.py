@@ -33,6 +33,25 @@ def test_ping_is_503_while_loading_then_200(async_server: RuntimeServer) -> None
     assert response.json() == {"lmi": {"status": "Healthy"}}
 
 
+def test_startup_reports_each_phase_from_vllms_own_records(async_server: RuntimeServer) -> None:
+    # While loading, the phases come in order (the poll may miss a short one).
+    order = ["Starting", "LoadingWeights", "Compiling"]
+    seen = [
+        phase
+        for i, phase in enumerate(async_server.phases_before_ready)
+        if i == 0 or phase != async_server.phases_before_ready[i - 1]
+    ]
+    assert seen and seen[0] == "Starting" and set(seen) <= set(order)
+    assert seen == sorted(seen, key=order.index)
+    with async_server.client() as client:
+        report = client.get("/startup").json()
+    assert report["phase"] == "Ready"
+    # Every phase closed, and they add up to about the time the test waited for /ping.
+    assert list(report["seconds"]) == order
+    assert all(seconds >= 0 for seconds in report["seconds"].values())
+    assert abs(sum(report["seconds"].values()) - async_server.startup_s) < 10
+
+
 def test_lmi_non_streaming(async_server: RuntimeServer) -> None:
     with async_server.client() as client:
         response = lmi(client, {"inputs": "the model", "parameters": GREEDY})
