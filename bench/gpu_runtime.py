@@ -12,7 +12,8 @@ async (LMI's async mode at its default batch size 32, raw vLLM at --max-num-seqs
 adapter on both, and the base model on the same servers, so the adapter's cost is attributed), and
 tp2 (the runtime on two GPUs with the engine process forked, then spawned: start-up and a load), and
 stream (the runtime alone: streamed /invocations against streamed /v1/completions on the same server,
-alternating, the comparison LMI streaming is held to).
+alternating, the comparison LMI streaming is held to), and coldstart (start to ready with empty caches,
+then reusing them: the runtime with LMI_CACHE_DIR against raw vLLM with VLLM_CACHE_ROOT).
 
 usage: python3 bench/gpu_runtime.py MODEL_DIR ADAPTER_DIR OUT_DIR SECONDS CASE [CASE ...]
 Needs vLLM and aiohttp importable and the runtime on PYTHONPATH (runtime/). Prints one JSON line per
@@ -384,6 +385,56 @@ def run_stream(model: str, out: str, deadline: float) -> dict[str, Any]:
     return result
 
 
+def _caches_in(root: str, env: dict[str, str]) -> dict[str, str]:
+    """`env` with every cache a pod would keep on its cache volume under `root` (HOME and XDG too:
+    Triton and FlashInfer keep their JIT caches there)."""
+    os.makedirs(root, exist_ok=True)
+    return dict(
+        env, HOME=root, XDG_CACHE_HOME=root, VLLM_CACHE_ROOT=os.path.join(root, "vllm"), LMI_CACHE_DIR=root
+    )
+
+
+def run_coldstart(model: str, out: str, deadline: float, gpus: int) -> dict[str, Any]:
+    """Start to ready with empty caches, then again with the same caches, for the runtime (with
+    LMI_CACHE_DIR: its keyed compile cache) and raw vLLM (VLLM_CACHE_ROOT), compiled (not eager).
+    With two GPUs the runtime's starts run on GPU 1 while raw vLLM's run on GPU 0."""
+    options, model_dir = runtime_env(model, Case([], {}, []), "")
+    base = dict(os.environ, PYTHONUNBUFFERED="1")
+    root = tempfile.mkdtemp(prefix="coldstart-", dir=out)
+    lmi_cmd = [sys.executable, "-m", "lmi_runtime", "serve", "--model-dir", model_dir, "--port", "8200"]
+    raw_cmd = raw_command(model, 8100, Case(["--max-num-seqs", "256"], {}, []), "")
+    result: dict[str, Any] = {"case": "coldstart", "starts": []}
+    for attempt in ("cold", "warm"):
+        if time.time() > deadline - 300:
+            result["starts"].append({"attempt": attempt, "skipped": "deadline"})
+            continue
+        lmi_env = _caches_in(os.path.join(root, "lmi"), base) | options
+        lmi_env |= {"CUDA_VISIBLE_DEVICES": "1" if gpus > 1 else "0"}
+        raw_env = _caches_in(os.path.join(root, "raw"), base) | {"CUDA_VISIBLE_DEVICES": "0"}
+        servers = [
+            start(f"coldstart-{attempt}-lmi", lmi_cmd, lmi_env, 8200, "/ping", out),
+            start(f"coldstart-{attempt}-raw", raw_cmd, raw_env, 8100, "/health", out),
+        ]
+        try:
+            if gpus > 1:
+                wait_ready(servers, deadline - 30)
+            else:
+                for server in servers:  # one at a time on one GPU
+                    wait_ready([server], deadline - 30)
+            entry: dict[str, Any] = {"attempt": attempt}
+            for server in servers:
+                entry[f"{server.name.rsplit('-', 1)[1]}_ready_s"] = server.ready_s
+            with (
+                contextlib.suppress(Exception),
+                urllib.request.urlopen("http://127.0.0.1:8200/startup", timeout=2) as answer,
+            ):
+                entry["lmi_phases_s"] = json.loads(answer.read())["seconds"]
+            result["starts"].append(entry)
+        finally:
+            stop(servers)
+    return result
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -435,6 +486,8 @@ def main() -> None:
             result = run_tp2(model, out, deadline)
         elif name == "stream":
             result = run_stream(model, out, deadline)
+        elif name == "coldstart":
+            result = run_coldstart(model, out, deadline, gpus)
         else:
             result = run_case(name, model, adapter_dir, out, deadline, gpus)
         print("RESULT " + json.dumps(result), flush=True)

@@ -35,7 +35,7 @@ def load_kubeconfig(paths: str) -> Credentials:
     # The loader writes certificate and key data to files; they go to a folder removed once read.
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            merged = KubeConfigMerger(paths)
+            merged = KubeConfigMerger(paths)  # type: ignore[no-untyped-call]
             if merged.config is None:
                 raise ConfigException("no such file")
             _resolve_paths(merged.config)
@@ -43,13 +43,13 @@ def load_kubeconfig(paths: str) -> Credentials:
             current = next(
                 (c["current-context"] for c in merged.config_files.values() if c.get("current-context")), None
             )
-            loader = KubeConfigLoader(
+            loader = KubeConfigLoader(  # type: ignore[no-untyped-call]
                 config_dict=merged.config, active_context=current, config_base_path=None, temp_file_path=tmp
             )
             # proxy="" keeps HTTPS_PROXY out of the Configuration: only the kubeconfig's proxy-url
             # lands there; KubeClient resolves the environment's, with NO_PROXY, for all credentials.
             cfg = Configuration(proxy="", no_proxy="")
-            loader.load_and_set(cfg)
+            loader.load_and_set(cfg)  # type: ignore[no-untyped-call]
             context = loader.current_context["context"]
             user = _user(merged.config, context.get("user"))
         except (ConfigException, yaml.YAMLError) as err:

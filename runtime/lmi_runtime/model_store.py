@@ -4,9 +4,11 @@
 (option.model_id, the adapters of $LMI_ADAPTERS) into the cache folder ($LMI_CACHE_DIR, a volume the
 replicas may share) before the server starts; `serve` then finds them there and downloads nothing.
 
-- `s3://bucket/prefix`: every object under the prefix, with boto3 (credentials from the pod's
-  environment: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, IRSA, pod identity; endpoint from
-  AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL), into <cache>/s3/<bucket>/<prefix>. With
+- `s3://bucket/prefix`: every object under the prefix, with MinIO's S3 client (not boto3: botocore
+  pins python-dateutil below 3, which the operator's kubernetes client needs, and both share the
+  image). Credentials from the pod's environment: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, IRSA,
+  EKS pod identity, the instance role; the endpoint from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL;
+  into <cache>/s3/<bucket>/<prefix>. With
   option.load_format=runai_streamer the model is streamed by vLLM instead and not fetched.
 - A Hugging Face hub id: the files vLLM loads (the config and tokenizer files, and one weight
   format: safetensors when the repository has them), into the hub cache under $HF_HOME, where vLLM
@@ -189,59 +191,70 @@ _S3_ADVICE = {
     "ExpiredToken": "the session token has expired",
     "InvalidToken": "the session token is not valid",
 }
+_NO_CREDENTIALS = (
+    "no AWS credentials: set spec.model.s3.credentialsSecretRef, or give the pod's service account an "
+    "IAM role (IRSA, pod identity)"
+)
+
+
+def _s3_client(environ: Mapping[str, str]) -> Any:
+    """A MinIO client (it speaks the S3 API to AWS and others) with the AWS SDK's usual sources of
+    credentials: AWS_* variables, then IRSA, EKS pod identity or the instance role (unless
+    AWS_EC2_METADATA_DISABLED), and AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS_REGION."""
+    from urllib.parse import urlsplit
+
+    from minio import Minio
+    from minio.credentials.providers import ChainedProvider, EnvAWSProvider, IamAwsProvider, Provider
+
+    endpoint = (
+        environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or "https://s3.amazonaws.com"
+    )
+    url = urlsplit(endpoint)
+    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None
+    providers: list[Provider] = [EnvAWSProvider()]
+    if environ.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true" or any(
+        environ.get(v) for v in ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    ):
+        providers.append(IamAwsProvider(region=region))
+    return Minio(
+        url.netloc, secure=url.scheme == "https", region=region, credentials=ChainedProvider(providers)
+    )
 
 
 def _s3_error(source: Source, error: Exception) -> DownloadError:
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from minio.error import S3Error
 
-    if isinstance(error, ClientError):
-        code = str(error.response.get("Error", {}).get("Code", "error"))
-        detail = _S3_ADVICE.get(code, str(error.response.get("Error", {}).get("Message", error)))
-        return DownloadError(f"{source.describe()}: {code}: {detail}")
-    if isinstance(error, NoCredentialsError):
-        return DownloadError(
-            f"{source.describe()}: no AWS credentials: set spec.model.s3.credentialsSecretRef, or give the "
-            "pod's service account an IAM role (IRSA, pod identity)"
-        )
-    if isinstance(error, EndpointConnectionError):
-        return DownloadError(f"{source.describe()}: cannot reach the S3 endpoint: {error}")
+    if isinstance(error, S3Error):
+        code = str(error.code)
+        return DownloadError(f"{source.describe()}: {code}: {_S3_ADVICE.get(code, str(error.message))}")
+    if isinstance(error, ValueError) and "credentials" in str(error).lower():
+        return DownloadError(f"{source.describe()}: {_NO_CREDENTIALS}")
     return DownloadError(f"{source.describe()}: {type(error).__name__}: {error}")
 
 
-def _s3_client() -> Any:
-    import boto3
-    from botocore.config import Config
-
-    # Standard retries: throttling and 5xx are retried, a wrong key or a denial is not.
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
-
-
-def _fetch_s3(source: Source, dest: Path) -> int:
+def _fetch_s3(source: Source, dest: Path, environ: Mapping[str, str]) -> int:
     """Every object under the source's prefix into `dest`; returns the bytes fetched."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from minio.error import MinioException
+    from urllib3.exceptions import HTTPError
 
     bucket, prefix = s3_location(source.value)
-    client = _s3_client()
+    client = _s3_client(environ)
     total = 0
     try:
-        keys: list[tuple[str, int]] = []
-        for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""
-        ):
-            keys += [
-                (o["Key"], int(o["Size"])) for o in page.get("Contents", []) if not o["Key"].endswith("/")
-            ]
-        if not keys:
+        objects = [
+            (o.object_name, int(o.size or 0))
+            for o in client.list_objects(bucket, prefix=f"{prefix}/" if prefix else None, recursive=True)
+            if o.object_name and not o.is_dir
+        ]
+        if not objects:
             raise DownloadError(f"{source.describe()}: no objects under this prefix (is the path right?)")
-        for key, size in keys:
+        for key, size in objects:
             relative = key[len(prefix) :].lstrip("/") if prefix else key
-            target = dest / relative
             if ".." in Path(relative).parts:
                 raise DownloadError(f"{source.describe()}: object key {key!r} leaves the prefix")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, key, str(target))
+            client.fget_object(bucket, key, str(dest / relative))
             total += size
-    except (ClientError, BotoCoreError) as error:
+    except (MinioException, HTTPError, ValueError) as error:
         raise _s3_error(source, error) from None
     return total
 
@@ -319,7 +332,7 @@ def fetch(source: Source, cache: Path, environ: Mapping[str, str]) -> Fetched:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
             with _Watchdog(source, partial, stall):
-                size = _fetch_s3(source, partial)
+                size = _fetch_s3(source, partial, environ)
             shutil.rmtree(marker_dir, ignore_errors=True)
             partial.rename(marker_dir)
         else:

@@ -26,6 +26,8 @@ STARTING, LOADING_WEIGHTS, COMPILING, READY = "Starting", "LoadingWeights", "Com
 # Fragments of vLLM's log lines (0.26 to 0.32) that open a phase.
 _OPENED_BY = (
     (b"Starting to load model", LOADING_WEIGHTS),
+    # vLLM 0.26's V2 GPU model runner (seen on an H200, where the line above never came).
+    (b"Loading model from scratch", LOADING_WEIGHTS),
     # The weight loader's line (on CPU the only one), then the GPU model runner's.
     (b"Loading weights took", COMPILING),
     (b"Model loading took", COMPILING),

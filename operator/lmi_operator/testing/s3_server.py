@@ -1,14 +1,16 @@
 """A real S3 API server for the tests: moto's server mode, with IAM authentication on.
 
-moto pins python-dateutil below 3 and the kubernetes client needs 3, so the server lives in a
-virtualenv of its own, outside the clone, keyed by its pinned version (built once per machine with
-uv, printing progress). The server checks signatures and IAM policies: an unknown access key, a
-wrong secret and a user without a policy are refused as AWS refuses them.
+moto (and boto3, which it brings) pin python-dateutil below 3 and the kubernetes client needs 3, so
+the server lives in a virtualenv of its own, outside the clone, keyed by its pinned version (built
+once per machine with uv, printing progress); the tests' setup (IAM users, uploads) runs there with
+boto3 too. The server checks signatures and IAM policies: an unknown access key, a wrong secret and a
+user without a policy are refused as AWS refuses them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -65,34 +67,69 @@ class Credentials:
         return {"AWS_ACCESS_KEY_ID": self.access_key_id, "AWS_SECRET_ACCESS_KEY": self.secret_access_key}
 
 
+# Run in the server's virtualenv: one boto3 call given as JSON {service, creds, method, kwargs}, or an
+# upload {service: "upload", creds, bucket, prefix, folder}; prints the call's JSON answer.
+_CALL = """
+import json, pathlib, sys, boto3
+call = json.loads(sys.argv[1])
+client = boto3.client("s3" if call["service"] == "upload" else call["service"], endpoint_url=call["endpoint"],
+    region_name=call["region"], aws_access_key_id=call["creds"][0], aws_secret_access_key=call["creds"][1])
+if call["service"] == "upload":
+    try:
+        client.create_bucket(Bucket=call["bucket"])
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    folder = pathlib.Path(call["folder"])
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        key = call["prefix"] + "/" + path.relative_to(folder).as_posix()
+        client.upload_file(str(path), call["bucket"], key)
+    print("{}")
+else:
+    print(json.dumps(getattr(client, call["method"])(**call["kwargs"]), default=str))
+"""
+
+
 @dataclass
 class S3Server:
     """A running moto server and its admin user."""
 
     process: subprocess.Popen[bytes]
     endpoint: str
+    venv: Path
     admin: Credentials
 
-    def client(self, service: str = "s3", credentials: Credentials | None = None) -> Any:
-        """A boto3 client of the server, as the admin unless other credentials are given."""
-        import boto3
-
+    def call(self, service: str, method: str, credentials: Credentials | None = None, **kwargs: Any) -> Any:
+        """One boto3 client call against the server (as the admin unless told), run in its virtualenv."""
         creds = credentials or self.admin
-        return boto3.client(
-            service,
-            endpoint_url=self.endpoint,
-            region_name=REGION,
-            aws_access_key_id=creds.access_key_id,
-            aws_secret_access_key=creds.secret_access_key,
+        payload = {
+            "service": service,
+            "method": method,
+            "kwargs": kwargs,
+            "endpoint": self.endpoint,
+            "region": REGION,
+            "creds": [creds.access_key_id, creds.secret_access_key],
+        }
+        return self._run(payload)
+
+    def _run(self, payload: dict[str, Any]) -> Any:
+        done = subprocess.run(
+            [str(self.venv / "bin" / "python"), "-c", _CALL, json.dumps(payload)],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"S3 server call {payload.get('method') or payload['service']}: {done.stderr[-2000:]}"
+            )
+        return json.loads(done.stdout)
 
     def user(self, name: str, policy: str | None) -> Credentials:
         """A new IAM user with an inline `policy` (None: no permission at all) and its access key."""
-        iam = self.client("iam")
-        iam.create_user(UserName=name)
+        self.call("iam", "create_user", UserName=name)
         if policy is not None:
-            iam.put_user_policy(UserName=name, PolicyName="p", PolicyDocument=policy)
-        key = iam.create_access_key(UserName=name)["AccessKey"]
+            self.call("iam", "put_user_policy", UserName=name, PolicyName="p", PolicyDocument=policy)
+        key = self.call("iam", "create_access_key", UserName=name)["AccessKey"]
         return Credentials(key["AccessKeyId"], key["SecretAccessKey"])
 
     def env(self, credentials: Credentials) -> dict[str, str]:
@@ -101,11 +138,18 @@ class S3Server:
 
     def upload(self, bucket: str, prefix: str, folder: Path) -> None:
         """Every file under `folder` to s3://bucket/prefix/..., creating the bucket if needed."""
-        s3 = self.client()
-        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
-            s3.create_bucket(Bucket=bucket)
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+        creds = [self.admin.access_key_id, self.admin.secret_access_key]
+        self._run(
+            {
+                "service": "upload",
+                "endpoint": self.endpoint,
+                "region": REGION,
+                "creds": creds,
+                "bucket": bucket,
+                "prefix": prefix,
+                "folder": str(folder),
+            }
+        )
 
 
 def read_policy(bucket: str) -> str:
@@ -141,12 +185,13 @@ def s3_server(host: str = "127.0.0.1", port: int = 0, log: Path | None = None) -
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"moto_server on {endpoint} did not start (exit {process.poll()})")
             time.sleep(0.2)
-        server = S3Server(process, endpoint, Credentials("unused", "unused"))
+        server = S3Server(process, endpoint, venv, Credentials("unused", "unused"))
         # The first requests are not authenticated: they create the admin user.
-        iam = server.client("iam")
-        iam.create_user(UserName="admin")
-        iam.put_user_policy(UserName="admin", PolicyName="all", PolicyDocument=_ADMIN_POLICY)
-        key = iam.create_access_key(UserName="admin")["AccessKey"]
+        server.call("iam", "create_user", UserName="admin")
+        server.call(
+            "iam", "put_user_policy", UserName="admin", PolicyName="all", PolicyDocument=_ADMIN_POLICY
+        )
+        key = server.call("iam", "create_access_key", UserName="admin")["AccessKey"]
         server.admin = Credentials(key["AccessKeyId"], key["SecretAccessKey"])
         yield server
     finally:
