@@ -84,6 +84,13 @@ def test_template_with_each_ci_values_file(helm: Path, values: Path) -> None:
         OperatorSettings.model_fields
     )
     assert settings.namespaces == tuple(given.get("watchNamespaces", ()))
+    # spec.cache's default reaches the operator as the same object (camelCase keys, as in a spec).
+    default_cache = given.get("operator", {}).get("defaultCache")
+    assert (
+        settings.default_cache.model_dump(by_alias=True, exclude_none=True)
+        if settings.default_cache
+        else None
+    ) == (default_cache or None)
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]
