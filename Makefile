@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 TOOLS_BIN = $$(bash tools/build-tools.sh | tail -n 1)
 
 .PHONY: help tools tools-path setup setup-oldest node-deps images lint typecheck unit test demo \
-        cluster-up cluster-down crds docs generate engine-args lock bench-operator bench-runtime
+        cluster-up cluster-down crds docs generate engine-args lock bench-operator bench-runtime \
+        bench-cold-start
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -75,6 +76,9 @@ bench-operator: setup tools ## operator convergence at scale against kube-contro
 .PHONY: chart
 chart: setup ## regenerate the chart's CRD copy and README values table, deploy/ and the Argo CD ConfigMap
 	$(PY) -m lmi_operator.chartdocs
+
+bench-cold-start: setup tools images ## a replica's start on the real node: cold cache, warm cache, second replica (S3 model, shared claim)
+	LMI_TOOLS_BIN=$(TOOLS_BIN) $(PY) bench/cold_start.py
 
 bench-runtime: setup ## raw vLLM against lmi-runtime serve on CPU: start-up, RSS, throughput (BENCH_RUNTIME_ARGS=...)
 	$(PY) bench/runtime_overhead.py $(BENCH_RUNTIME_ARGS)
