@@ -112,17 +112,25 @@ def _streamed(settings: LmiSettings) -> bool:
     return load_format is not None and "runai" in load_format.value
 
 
+def _offline(environ: Mapping[str, str]) -> bool:
+    return environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def sources(settings: LmiSettings, environ: Mapping[str, str]) -> list[Source]:
-    """The sources to fetch: the model (unless vLLM streams it) and every listed adapter."""
+    """The sources to fetch: the model (unless vLLM streams it, it is a folder that exists, or it is
+    a hub id while HF_HUB_OFFLINE is set: the hub cache is then all there is) and every listed
+    s3:// adapter."""
     found: list[Source] = []
     model = settings.options.get("model_id") or settings.options.get("model")
     revision = settings.options.get("revision")
     if model is not None and not (model.value.startswith("s3://") and _streamed(settings)):
         source = Source(model.value.strip(), model.label, revision.value if revision else None)
-        if source.is_s3 or source.is_hub:
+        if source.is_s3 or (source.is_hub and not Path(source.value).exists() and not _offline(environ)):
             found.append(source)
-    raw = environ.get(ADAPTERS_ENV)
-    listed = json.loads(raw) if raw else {}
+    try:
+        listed = json.loads(environ.get(ADAPTERS_ENV) or "{}")
+    except ValueError:
+        listed = {}  # `serve` reports the variable's error, naming it (adapters.preload_sources)
     if isinstance(listed, dict):
         for name, value in sorted(listed.items()):
             if isinstance(value, str) and value.startswith("s3://"):

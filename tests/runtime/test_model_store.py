@@ -194,6 +194,8 @@ def test_paths_and_streamed_models_are_not_fetched(tmp_path: Path) -> None:
     assert model_store.sources(load_settings(tmp_path, {"OPTION_MODEL_ID": "/models/x"}), {}) == []
     hub = load_settings(tmp_path, {"HF_MODEL_ID": "org/name", "HF_REVISION": "v1"})
     assert model_store.sources(hub, {}) == [Source("org/name", "HF_MODEL_ID", "v1")]
+    # Offline, the hub cache is all there is: nothing to download (vLLM reads the cache).
+    assert model_store.sources(hub, {"HF_HUB_OFFLINE": "1"}) == []
 
 
 def test_hub_downloads_take_one_weight_format_and_skip_original_checkpoints() -> None:
