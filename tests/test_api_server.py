@@ -133,14 +133,15 @@ def test_get_shows_the_columns_and_scale_drives_replicas(
     cluster.kubectl("wait", "-n", lmi_namespace, "--for=condition=Ready", "lmi/columns", "--timeout=60s")
 
     header, row = cluster.kubectl("get", "lmi", "columns", "-n", lmi_namespace).stdout.splitlines()
-    assert header.split() == ["NAME", "MODEL", "TP", "QUANTIZE", "READY", "STATUS", "AGE"]
-    assert row.split()[:6] == [
+    assert header.split() == ["NAME", "MODEL", "TP", "QUANTIZE", "READY", "STATUS", "STARTUP", "AGE"]
+    assert row.split()[:7] == [
         "columns",
         "meta-llama/Llama-3.1-70B-Instruct",
         "4",
         "fp8",
         "1/1",
         "Available",
+        "Ready",
     ]
     wide_header = cluster.kubectl("get", "lmi", "-n", lmi_namespace, "-o", "wide").stdout.splitlines()[0]
     assert "GPUS" in wide_header.split() and "ENDPOINT" in wide_header.split()

@@ -724,3 +724,27 @@ def test_a_spec_update_burst_never_shows_ready_for_a_generation_not_live(
             lies.append(f"{name} Ready for generation {observed} at version {version}")
     assert checked >= 2 * len(names), f"only {checked} Ready versions seen"
     assert not lies, lies[:10]
+
+
+def test_a_cache_claim_template_makes_an_owned_claim_that_goes_when_the_field_does(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    cache = {"claimTemplate": {"size": "20Gi", "accessMode": "ReadWriteMany", "storageClassName": "fast"}}
+    apply(cluster, namespace, model_doc("cached", cache=cache))
+    claim = eventually(lambda: get(cluster, namespace, "pvc", "cached-cache"), what="the cache claim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"] == "fast"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    owner = claim["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("LMIModel", "cached", True)
+    deployment = eventually(lambda: get(cluster, namespace, "deployment", "cached"), what="the Deployment")
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "cache", "persistentVolumeClaim": {"claimName": "cached-cache"}} in volumes
+    # The field removed: the pods go back to an emptyDir and the claim is deleted.
+    apply(cluster, namespace, model_doc("cached"))
+    eventually(lambda: get(cluster, namespace, "pvc", "cached-cache") is None, what="the claim deleted")
+
+    def back_to_empty_dir() -> bool:
+        dep = get(cluster, namespace, "deployment", "cached") or {}
+        return {"name": "cache", "emptyDir": {}} in dep["spec"]["template"]["spec"]["volumes"]
+
+    eventually(back_to_empty_dir, what="the pods' cache an emptyDir again")

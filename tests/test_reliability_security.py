@@ -91,6 +91,20 @@ def test_every_example_runs_in_a_restricted_namespace(
     cluster: LocalCluster, operator: OperatorThread, restricted_ns: str
 ) -> None:
     names: list[str] = []
+    # The examples' cache claims (one the operator makes, one the example brings) bind to these, as a
+    # cluster's provisioner would give them volumes; the PV controller binds them for real.
+    for index in range(2):
+        volume = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": f"{restricted_ns}-cache-{index}"},
+            "spec": {
+                "capacity": {"storage": "1Ti"},
+                "accessModes": ["ReadWriteMany"],
+                "hostPath": {"path": f"/tmp/{restricted_ns}-cache-{index}"},
+            },
+        }
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(volume))
     for path in sorted(EXAMPLES.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if not doc:
