@@ -28,6 +28,7 @@ from lmi_operator.testing.operator import OperatorThread
 from lmi_operator.testing.product_images import build_runtime_cpu_image, cpu_model
 from lmi_operator.testing.s3_server import REGION, read_policy, s3_server
 from lmi_operator.testing.tiny_model import build_model
+from lmi_operator.testing.volumes import shared_claim
 
 NAME, NAMESPACE, CLAIM = "cold-start", "bench", "models"
 
@@ -106,37 +107,12 @@ def main() -> None:
                 return (work / "moto.log").read_text().count('"GET /models/tiny/')
 
             cache = work / "cache"
-            cache.mkdir(mode=0o777)
-            cache.chmod(0o777)
             cluster.kubectl("create", "namespace", NAMESPACE)
             secret = {
                 "apiVersion": "v1",
                 "kind": "Secret",
                 "metadata": {"name": "s3"},
                 "stringData": reader.env(),
-            }
-            volume = {
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": "bench-models"},
-                "spec": {
-                    "capacity": {"storage": "10Gi"},
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "bench-host",
-                    "hostPath": {"path": str(cache), "type": "Directory"},
-                    "claimRef": {"namespace": NAMESPACE, "name": CLAIM},
-                },
-            }
-            claim = {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": CLAIM},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "bench-host",
-                    "volumeName": "bench-models",
-                    "resources": {"requests": {"storage": "10Gi"}},
-                },
             }
             model = cpu_model(NAME, image, "s3://models/tiny")
             # Compiled, not eager: torch.compile's work is what the compile cache keeps.
@@ -147,7 +123,7 @@ def main() -> None:
                 "region": REGION,
             }
             model["spec"]["cache"] = {"persistentVolumeClaim": {"claimName": CLAIM}}
-            for doc in (secret, volume, claim, model):
+            for doc in (secret, *shared_claim(NAMESPACE, CLAIM, cache, "bench-host"), model):
                 cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(doc))
 
             results: dict[str, dict[str, Any]] = {}

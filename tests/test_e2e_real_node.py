@@ -24,6 +24,7 @@ from lmi_operator.testing.operator import OperatorThread
 from lmi_operator.testing.product_images import cpu_model
 from lmi_operator.testing.s3_server import REGION, Credentials, S3Server, read_policy, s3_server
 from lmi_operator.testing.tiny_model import build_model
+from lmi_operator.testing.volumes import shared_claim
 from tests.conftest import ADAPTER_PATH, MODEL_PATH, fresh_namespace
 from tests.test_operator import apply, condition
 from tests.test_operator import get as get_object
@@ -373,36 +374,10 @@ def bucket(node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield found
 
 
-def shared_claim(cluster: LocalCluster, namespace: str, folder: Path) -> str:
+def bind_shared_claim(cluster: LocalCluster, namespace: str, folder: Path) -> str:
     """A ReadWriteMany claim in `namespace` bound to a hostPath volume at `folder` on the node."""
-    folder.mkdir(mode=0o777)
-    folder.chmod(0o777)  # the pods run as uid 1000; hostPath volumes get no fsGroup
-    volume = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"{namespace}-models"},
-        "spec": {
-            "capacity": {"storage": "10Gi"},
-            "accessModes": ["ReadWriteMany"],
-            "persistentVolumeReclaimPolicy": "Delete",
-            "storageClassName": "e2e-host",
-            "hostPath": {"path": str(folder), "type": "Directory"},
-            "claimRef": {"namespace": namespace, "name": "models"},
-        },
-    }
-    claim = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "models"},
-        "spec": {
-            "accessModes": ["ReadWriteMany"],
-            "storageClassName": "e2e-host",
-            "volumeName": f"{namespace}-models",
-            "resources": {"requests": {"storage": "10Gi"}},
-        },
-    }
-    cluster.kubectl("apply", "-f", "-", input=json.dumps(volume))
-    apply(cluster, namespace, claim)
+    for doc in shared_claim(namespace, "models", folder, "e2e-host"):
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(doc))
     return "models"
 
 
@@ -420,7 +395,7 @@ def test_an_s3_model_is_fetched_once_into_a_shared_claim_and_the_second_replica_
     tmp_path: Path,
 ) -> None:
     apply(real_cluster, namespace, bucket.secret("s3-reader", bucket.reader))
-    claim = shared_claim(real_cluster, namespace, tmp_path / "models")
+    claim = bind_shared_claim(real_cluster, namespace, tmp_path / "models")
     doc = cpu_model("from-s3", model_image, "s3://models/tiny")
     doc["spec"]["model"]["s3"] = bucket.source("s3-reader")
     doc["spec"]["cache"] = {"persistentVolumeClaim": {"claimName": claim}}

@@ -11,6 +11,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from lmi_operator.render import render
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster
 from lmi_operator.testing.operator import OperatorThread
+from lmi_operator.testing.volumes import host_volume
 from tests.kubeapi import Api
 from tests.waiting import eventually
 
@@ -94,16 +96,7 @@ def test_every_example_runs_in_a_restricted_namespace(
     # The examples' cache claims (one the operator makes, one the example brings) bind to these, as a
     # cluster's provisioner would give them volumes; the PV controller binds them for real.
     for index in range(2):
-        volume = {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": f"{restricted_ns}-cache-{index}"},
-            "spec": {
-                "capacity": {"storage": "1Ti"},
-                "accessModes": ["ReadWriteMany"],
-                "hostPath": {"path": f"/tmp/{restricted_ns}-cache-{index}"},
-            },
-        }
+        volume = host_volume(f"{restricted_ns}-cache-{index}", Path(f"/tmp/{restricted_ns}-cache-{index}"))
         cluster.kubectl("apply", "-f", "-", input=json.dumps(volume))
     for path in sorted(EXAMPLES.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
