@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmi_operator.settings import OperatorSettings
+from lmi_operator.status import parse_time
 from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster, tools_bin_dir
 from lmi_operator.testing.node import NODE_IP
 from lmi_operator.testing.operator import OperatorThread
@@ -53,9 +54,12 @@ def seconds_to_ready(pod: dict[str, Any]) -> float | None:
     ready: dict[str, Any] = next((c for c in pod["status"].get("conditions", []) if c["type"] == "Ready"), {})
     if ready.get("status") != "True":
         return None
-    created = time.strptime(pod["metadata"]["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
-    became = time.strptime(ready["lastTransitionTime"], "%Y-%m-%dT%H:%M:%SZ")
-    return time.mktime(became) - time.mktime(created)
+    created, became = (
+        parse_time(pod["metadata"]["creationTimestamp"]),
+        parse_time(ready["lastTransitionTime"]),
+    )
+    assert created is not None and became is not None
+    return (became - created).total_seconds()
 
 
 def wait_new_ready(cluster: LocalCluster, known: set[str], timeout: float = 900) -> dict[str, Any]:
