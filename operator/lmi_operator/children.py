@@ -3,7 +3,7 @@
 A child is applied when it is missing, when it was applied from another rendering (the hash
 annotation every rendered child carries differs: so fields removed from the spec leave the child
 too), or when someone edited it by hand since (the rendered fields are no longer contained in it).
-Children the spec no longer asks for (PDB, HPA) are deleted."""
+Children the spec no longer asks for (PDB, HPA, cache claim) are deleted."""
 
 from __future__ import annotations
 
@@ -72,13 +72,15 @@ class ChildrenApplier:
                 st.applied_generation = result["metadata"].get("generation")
         wanted = {o["kind"] for o in rendered.objects}
         for kind, api_version in OPTIONAL_KINDS.items():
-            if kind in st.children and kind not in wanted:
-                await self._delete(api_version, kind, key)
+            live = st.children.get(kind)
+            if live is not None and kind not in wanted:
+                # By the live child's own name: the cache claim is <model>-cache, not <model>.
+                await self._delete(api_version, kind, key[0], live["metadata"]["name"])
                 st.children.pop(kind, None)
 
-    async def _delete(self, api_version: str, kind: str, key: Key) -> None:
+    async def _delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:
-            await self.client.request("DELETE", object_path(api_version, kind, key[0], key[1]))
+            await self.client.request("DELETE", object_path(api_version, kind, namespace, name))
             metrics.API_WRITES.labels(kind).inc()
         except ApiError as err:
             if err.status != 404:
