@@ -749,7 +749,9 @@ def test_a_cache_claim_template_makes_an_owned_claim_that_goes_when_the_field_do
         if claim is None:
             return True
         meta = claim["metadata"]
-        return bool(meta.get("deletionTimestamp")) and meta.get("finalizers", []) == ["kubernetes.io/pvc-protection"]
+        return bool(meta.get("deletionTimestamp")) and meta.get("finalizers", []) == [
+            "kubernetes.io/pvc-protection"
+        ]
 
     eventually(deleted, what="the claim deleted")
 

@@ -1,4 +1,4 @@
-"""LoRA adapters: preloading from <model dir>/adapters and LMI's adapter management operations.
+"""LoRA adapters: the folders under <model dir>/adapters, and LMI's adapter operations on the engine.
 
 Adapters live in vLLM's own registry (OpenAIServingModels.lora_requests), so the OpenAI routes and
 /v1/models see exactly what the LMI API registered.
@@ -6,7 +6,6 @@ Adapters live in vLLM's own registry (OpenAIServingModels.lora_requests), so the
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,8 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from lmi_runtime.errors import RuntimeConfigError
-from lmi_runtime.model_store import adapter_paths
-from lmi_runtime.options import ADAPTERS_ENV
 from lmi_runtime.vllm_compat import vllm_attr
 
 logger = logging.getLogger(__name__)
@@ -44,29 +41,15 @@ def preload_dirs(model_dir: Path, enable_lora: bool) -> dict[str, Path]:
     return found
 
 
-def preload_sources(model_dir: Path, enable_lora: bool, environ: Mapping[str, str]) -> dict[str, str]:
-    """Every adapter to register at start-up: the folders under <model dir>/adapters, plus those the
-    operator lists in $LMI_ADAPTERS as a JSON object {name: path or hub id} (spec.lora.adapters)."""
-    sources = {name: str(path) for name, path in preload_dirs(model_dir, enable_lora).items()}
-    raw = environ.get(ADAPTERS_ENV)
-    if not raw:
-        return sources
-    try:
-        listed = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise RuntimeConfigError(f"{ADAPTERS_ENV}: not JSON ({err.msg}); expected {{name: source}}") from None
-    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
-        raise RuntimeConfigError(f"{ADAPTERS_ENV}: expected a JSON object of adapter name to source")
-    if listed and not enable_lora:
-        raise RuntimeConfigError(
-            f"{ADAPTERS_ENV} lists adapters but LoRA is off: set option.enable_lora=true"
-        )
-    if clash := sorted(set(listed) & set(sources)):
-        raise RuntimeConfigError(
-            f"{ADAPTERS_ENV}: adapter {clash[0]!r} is also a folder under {model_dir / ADAPTERS_DIR}"
-        )
-    # s3:// adapters were fetched into the cache (model_store): they load from there.
-    return sources | dict(sorted(adapter_paths(listed, environ).items()))
+def check_declared(
+    declared: Mapping[str, str], origin: str, folders: Mapping[str, Path], enable_lora: bool
+) -> None:
+    """Refuse a declared set that cannot be served at all: adapters while LoRA is off, or a name that
+    a folder under <model dir>/adapters already takes."""
+    if declared and not enable_lora:
+        raise RuntimeConfigError(f"{origin} lists adapters but LoRA is off: set option.enable_lora=true")
+    if clash := sorted(set(declared) & set(folders)):
+        raise RuntimeConfigError(f"{origin}: adapter {clash[0]!r} is also a folder under {ADAPTERS_DIR}/")
 
 
 def _error_of(result: Any) -> tuple[int, str] | None:

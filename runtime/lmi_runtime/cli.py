@@ -1,5 +1,6 @@
-"""lmi-runtime: `args` prints the resolved engine arguments, `fetch` downloads the model and
-adapters into the cache (the pods' init container), `serve` serves, `engine-args-table` prints the
+"""lmi-runtime: `args` prints the resolved engine arguments, `fetch` downloads the model into the
+cache (the pods' init container), or with --adapter one adapter (printing the path to load it from;
+the server runs it when it loads an adapter), `serve` serves, `engine-args-table` prints the
 installed vLLM's argument table. Logs go to stderr; configuration and download errors are one line."""
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def argument_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     args_cmd = commands.add_parser("args", help="print the resolved vLLM engine arguments as JSON")
     args_cmd.add_argument("--model-dir", default=MODEL_DIR, type=Path)
-    fetch_cmd = commands.add_parser("fetch", help="download the model and adapters into the cache")
+    fetch_cmd = commands.add_parser("fetch", help="download the model (or one adapter) into the cache")
     fetch_cmd.add_argument("--model-dir", default=MODEL_DIR, type=Path)
+    fetch_cmd.add_argument("--adapter", metavar="SOURCE", help="fetch this adapter source only")
+    fetch_cmd.add_argument("--label", default="adapter", help="what names the adapter in messages")
     serve_cmd = commands.add_parser("serve", help="serve the model over the LMI and OpenAI APIs")
     serve_cmd.add_argument("--model-dir", default=MODEL_DIR, type=Path)
     serve_cmd.add_argument("--port", default=PORT, type=int)
@@ -61,9 +64,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(options.model_dir, options.host, options.port)
         if options.command == "fetch":
             # No vLLM import: the init container only reads the settings and downloads.
-            from lmi_runtime.model_store import fetch_all
+            from lmi_runtime.model_store import fetch_adapter, fetch_all
             from lmi_runtime.properties import load_settings
 
+            if options.adapter:
+                sys.stdout.write(fetch_adapter(options.adapter, options.label, os.environ) + "\n")
+                return 0
             fetch_all(load_settings(options.model_dir, os.environ), os.environ)
             return 0
         # vLLM's import may attach handlers to stdout; bind them to stderr so stdout stays pure JSON.

@@ -1,8 +1,10 @@
 """Model and adapter sources fetched into the cache folder, once per source.
 
-`lmi-runtime fetch` (the pods' init container) downloads every source the configuration names
-(option.model_id, the adapters of $LMI_ADAPTERS) into the cache folder ($LMI_CACHE_DIR, a volume the
-replicas may share) before the server starts; `serve` then finds them there and downloads nothing.
+`lmi-runtime fetch` (the pods' init container) downloads the model (option.model_id) into the cache
+folder ($LMI_CACHE_DIR, a volume the replicas may share) before the server starts; `serve` then finds
+it there and downloads nothing. Adapters are fetched one at a time by `lmi-runtime fetch --adapter`,
+which the server runs as a child process when it loads one (adapter_set): an adapter that cannot
+be fetched is reported for that adapter and does not keep the model from serving.
 
 - `s3://bucket/prefix`: every object under the prefix, with MinIO's S3 client (not boto3: botocore
   pins python-dateutil below 3, which the operator's kubernetes client needs, and both share the
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from lmi_runtime.errors import ERROR_PREFIX, DownloadError
-from lmi_runtime.options import ADAPTERS_ENV, CACHE_ENV, EXIT_DOWNLOAD_STALLED, STALL_ENV
+from lmi_runtime.options import CACHE_ENV, EXIT_DOWNLOAD_STALLED, STALL_ENV
 from lmi_runtime.properties import LmiSettings, Setting
 
 logger = logging.getLogger(__name__)
@@ -118,8 +120,7 @@ def _offline(environ: Mapping[str, str]) -> bool:
 
 def sources(settings: LmiSettings, environ: Mapping[str, str]) -> list[Source]:
     """The sources to fetch: the model (unless vLLM streams it, it is a folder that exists, or it is
-    a hub id while HF_HUB_OFFLINE is set: the hub cache is then all there is) and every listed
-    s3:// adapter."""
+    a hub id while HF_HUB_OFFLINE is set: the hub cache is then all there is)."""
     found: list[Source] = []
     model = settings.options.get("model_id") or settings.options.get("model")
     revision = settings.options.get("revision")
@@ -127,14 +128,6 @@ def sources(settings: LmiSettings, environ: Mapping[str, str]) -> list[Source]:
         source = Source(model.value.strip(), model.label, revision.value if revision else None)
         if source.is_s3 or (source.is_hub and not Path(source.value).exists() and not _offline(environ)):
             found.append(source)
-    try:
-        listed = json.loads(environ.get(ADAPTERS_ENV) or "{}")
-    except ValueError:
-        listed = {}  # `serve` reports the variable's error, naming it (adapters.preload_sources)
-    if isinstance(listed, dict):
-        for name, value in sorted(listed.items()):
-            if isinstance(value, str) and value.startswith("s3://"):
-                found.append(Source(value, f"{ADAPTERS_ENV}[{name}]"))
     return found
 
 
@@ -386,16 +379,19 @@ def localize(
             fetch(source, cache, environ)
         if source.is_hub and is_fetched(source, cache) and set_env is not None:
             set_env("HF_HUB_OFFLINE", "1")
-        if source.is_s3 and not source.label.startswith(ADAPTERS_ENV) and is_fetched(source, cache):
+        if source.is_s3 and is_fetched(source, cache):
             key = "model_id" if "model_id" in options else "model"
             options[key] = Setting(str(local_path(source, cache)), options[key].label)
     return dataclasses.replace(settings, options=options)
 
 
-def adapter_paths(listed: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
-    """$LMI_ADAPTERS' sources with s3:// URLs replaced by their folders in the cache."""
+def fetch_adapter(value: str, label: str, environ: Mapping[str, str]) -> str:
+    """Make one adapter source loadable and return what vLLM loads it from: an s3:// URL's folder
+    in the cache, a hub id (fetched into the hub cache, where vLLM finds it offline), or a path."""
+    source = Source(value, label)
+    if not (source.is_s3 or (source.is_hub and not Path(value).exists())):
+        return value
     cache = cache_dir(environ)
-    return {
-        name: str(local_path(Source(value, name), cache)) if value.startswith("s3://") else value
-        for name, value in listed.items()
-    }
+    done = fetch(source, cache, environ)
+    logger.info("%s %s", "cache hit:" if done.hit else "fetched", source.describe())
+    return str(local_path(source, cache)) if source.is_s3 else value

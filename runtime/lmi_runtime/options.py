@@ -134,8 +134,18 @@ EXIT_DOWNLOAD_FAILED: Final = 3
 EXIT_DOWNLOAD_STALLED: Final = 4
 REVISION_ENV: Final = "HF_REVISION"
 TENSOR_PARALLEL_DEGREE_ENV: Final = "TENSOR_PARALLEL_DEGREE"
-# Not LMI's: the operator lists spec.lora.adapters here as a JSON object {name: source}.
+# Not LMI's: the adapters to serve as a JSON object {name: source}, in the variable or (what the
+# operator mounts: a file the kubelet refreshes, so the pod template does not change) in the file.
 ADAPTERS_ENV: Final = "LMI_ADAPTERS"
+ADAPTERS_FILE_ENV: Final = "LMI_ADAPTERS_FILE"
+# The adapter management port (not in the model's Service), its bearer token, and its route.
+ADMIN_PORT_ENV: Final = "LMI_ADMIN_PORT"
+ADMIN_TOKEN_ENV: Final = "LMI_ADMIN_TOKEN"
+ADMIN_PORT: Final = 8081
+ADMIN_ADAPTERS_PATH: Final = "/lmi/adapters"
+# LMI's /adapters routes on the serving port (anyone who reaches the Service may load any path): off
+# unless this is "true".
+ADAPTER_ROUTES_ENV: Final = "LMI_ADAPTER_ROUTES"
 
 # Container-level environment aliases, applied only when the target is unset:
 # source variable -> (target variable, inverted boolean).
@@ -156,6 +166,10 @@ CONFIG_ENV: Final[tuple[str, ...]] = (
     TENSOR_PARALLEL_DEGREE_ENV,
     *ENV_ALIASES,
     ADAPTERS_ENV,
+    ADAPTERS_FILE_ENV,
+    ADMIN_PORT_ENV,
+    ADMIN_TOKEN_ENV,
+    ADAPTER_ROUTES_ENV,
 )
 
 # Runtime quantization methods LMI documents; pre-quantized models need no option at all.

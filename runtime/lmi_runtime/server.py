@@ -3,8 +3,10 @@
 Start-up order: resolve the configuration and import model.py (errors stop here, before any weight
 is loaded); bind the port and answer /ping with 503 from a small loading server; start the engine
 with vLLM's build_async_engine_client; build vLLM's app (build_app + init_app_state, the steps of
-vLLM's build_and_serve) and put LMI's routes in front of vLLM's /ping and /invocations; preload
-adapters; then serve the app on the same socket.
+vLLM's build_and_serve) and put LMI's routes in front of vLLM's /ping and /invocations; load the
+adapters (the folders under <model dir>/adapters, then the declared set: an adapter that fails is
+reported on the management port, the model still serves); then serve the app on the same socket,
+and the management port (admin_server) on its own.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from fastapi import APIRouter, FastAPI, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from lmi_runtime import compile_cache, model_store
-from lmi_runtime.adapters import AdapterError, AdapterRegistry, preload_sources
+from lmi_runtime.adapter_set import DeclaredAdapters
+from lmi_runtime.adapter_sources import declared_adapters
+from lmi_runtime.adapters import AdapterError, AdapterRegistry, check_declared, preload_dirs
+from lmi_runtime.admin_server import admin_app, admin_server, admin_settings
 from lmi_runtime.engine_args import ResolvedConfig, resolve
 from lmi_runtime.errors import RuntimeConfigError
 from lmi_runtime.handler import Handle, RuntimeServices, call_handler, load_handler, set_runtime
@@ -49,7 +54,7 @@ from lmi_runtime.lmi_schema import (
     to_lmi_response,
     to_lmi_stream_lines,
 )
-from lmi_runtime.options import CACHE_ENV, STARTUP_PATH
+from lmi_runtime.options import ADAPTER_ROUTES_ENV, CACHE_ENV, STARTUP_PATH
 from lmi_runtime.properties import load_settings
 from lmi_runtime.server_setup import (
     max_header_count,
@@ -322,14 +327,15 @@ async def _openai_lines(events: Any, framing: ResponseFormat) -> Any:
             yield framing.frame(payload.encode())
 
 
-def install_routes(app: FastAPI, service: LmiService) -> None:
-    """Put LMI's routes in front of vLLM's (the first matching route wins)."""
+def install_routes(app: FastAPI, service: LmiService, adapter_routes: bool) -> None:
+    """Put LMI's routes in front of vLLM's (the first matching route wins); LMI's /adapters routes
+    only with `adapter_routes` (whoever reaches the port could load any path)."""
     router = APIRouter()
     router.add_api_route("/ping", service.ping, methods=["GET", "POST"])
     router.add_api_route(STARTUP_PATH, service.startup, methods=["GET"])
     router.add_api_route("/invocations", service.invoke, methods=["POST"])
     router.add_api_route("/predictions/{model_name}", service.predict, methods=["POST"])
-    for prefix in ("", "/models/{model_name}"):
+    for prefix in ("", "/models/{model_name}") if adapter_routes else ():
         router.add_api_route(prefix + "/adapters", service.list_adapters, methods=["GET"])
         router.add_api_route(prefix + "/adapters", service.register_adapter, methods=["POST"])
         router.add_api_route(prefix + "/adapters/{adapter_name}", service.describe_adapter, methods=["GET"])
@@ -453,10 +459,20 @@ async def _watch_engine(engine: Any, server: uvicorn.Server, failed: list[bool])
             server.should_exit = True
 
 
+@dataclass
+class AdapterPlan:
+    """The adapters to load at start-up and how they are managed afterwards."""
+
+    folders: dict[str, Path]
+    declared: dict[str, str]
+    admin: tuple[socket.socket, str] | None  # the management port's socket and token
+    lmi_routes: bool
+
+
 async def _serve(
     config: ResolvedConfig,
     handle: Handle | None,
-    preload: dict[str, str],
+    plan: AdapterPlan,
     sock: socket.socket,
     phases: StartupPhases,
 ) -> int:
@@ -471,12 +487,15 @@ async def _serve(
             if inspect.isawaitable(tokenizer):
                 tokenizer = await tokenizer
             registry = AdapterRegistry(app.state.openai_serving_models, engine, config.enable_lora)
-            for adapter, source in preload.items():
-                await registry.register(adapter, source)
+            for adapter, folder in plan.folders.items():
+                await registry.register(adapter, str(folder))
+            # Before ready: a replica takes traffic only once it has tried every declared adapter.
+            declared = DeclaredAdapters(registry)
+            await declared.converge(plan.declared)
             completion = getattr(app.state, "openai_serving_completion", None)
             chat = getattr(app.state, "openai_serving_chat", None)
             service = LmiService(config, handle, engine, completion, chat, registry, tokenizer, phases)
-            install_routes(app, service)
+            install_routes(app, service, plan.lmi_routes)
             set_runtime(RuntimeServices(engine, completion, chat, name, config.properties))
             routing = AdapterRouting(app, registry, max_header_count(config.namespace))
             server_config = uvicorn.Config(routing, lifespan="on", **uvicorn_options(config.namespace))
@@ -497,8 +516,15 @@ async def _serve(
             )
             failed: list[bool] = []
             watchdog = asyncio.create_task(_watch_engine(engine, server, failed))
+            admin = None
+            if plan.admin is not None:
+                admin = admin_server(admin_app(declared, plan.admin[1], config.enable_lora))
+                admin_task = asyncio.create_task(admin.serve(sockets=[plan.admin[0]]))
             await server.serve(sockets=[sock])
             watchdog.cancel()
+            if admin is not None:
+                admin.should_exit = True
+                await admin_task
             if refresher is not None:
                 refresher.stop()
             return 1 if failed else 0
@@ -514,6 +540,8 @@ async def _serve(
     finally:
         loading.stop()
         sock.close()
+        if plan.admin is not None:
+            plan.admin[0].close()
 
 
 def serve(model_dir: Path, host: str, port: int) -> int:
@@ -525,7 +553,11 @@ def serve(model_dir: Path, host: str, port: int) -> int:
     settings = model_store.localize(raw, os.environ, download=True, set_env=os.environ.__setitem__)
     config = resolve(settings, os.environ)
     handle = load_handler(model_dir)
-    preload = preload_sources(model_dir, config.enable_lora, os.environ)
+    folders = preload_dirs(model_dir, config.enable_lora)
+    declared, origin = declared_adapters(os.environ)
+    check_declared(declared, origin, folders, config.enable_lora)
+    admin = admin_settings(os.environ)
+    lmi_routes = os.environ.get(ADAPTER_ROUTES_ENV, "").strip().lower() == "true"
     if CACHE_ENV in os.environ:
         # Read by vLLM when the engine starts, not at import.
         model = raw.options.get("model_id") or raw.options.get("model")
@@ -540,11 +572,14 @@ def serve(model_dir: Path, host: str, port: int) -> int:
     # (non-LMI) semantics; the runtime owns model.py, so point that layer at a folder without one.
     os.environ["SAGEMAKER_MODEL_PATH"] = str(Path(__file__).parent / "no-sagemaker-script")
     sock = bind_socket(host, port)
+    plan = AdapterPlan(
+        folders, declared, (bind_socket(host, admin[0]), admin[1]) if admin else None, lmi_routes
+    )
     raise_open_files_limit()
     signal.signal(signal.SIGTERM, _interrupt_start_up)
     try:
         import uvloop
 
-        return int(uvloop.run(_serve(config, handle, preload, sock, phases)))
+        return int(uvloop.run(_serve(config, handle, plan, sock, phases)))
     except ImportError:
-        return asyncio.run(_serve(config, handle, preload, sock, phases))
+        return asyncio.run(_serve(config, handle, plan, sock, phases))

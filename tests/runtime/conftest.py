@@ -68,6 +68,9 @@ def runtime_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmi_runtime", *args]
 
 
+ADMIN_TOKEN = "test-admin-token"
+
+
 @dataclass
 class RuntimeServer:
     """A running `lmi-runtime serve` process."""
@@ -80,6 +83,7 @@ class RuntimeServer:
     pings_before_ready: list[tuple[int, dict[str, object]]] = field(default_factory=list)
     # GET /startup's answers while loading: the phase the server said it was in.
     phases_before_ready: list[str] = field(default_factory=list)
+    admin_url: str = ""  # the management port, where the environment set one
 
     def client(self) -> httpx.Client:
         """An HTTP client for this server."""
@@ -125,6 +129,8 @@ def start_server(
         )
     scheme = "https" if tls_ca else "http"
     server = RuntimeServer(process, f"{scheme}://127.0.0.1:{port}", log, tls_ca)
+    if admin_port := env.get("LMI_ADMIN_PORT"):
+        server.admin_url = f"http://127.0.0.1:{admin_port}"
     with httpx.Client(timeout=5, verify=server.verify()) as client:
         while time.monotonic() - started < START_TIMEOUT_S:
             if process.poll() is not None:
@@ -217,7 +223,8 @@ async def handle(inputs: Input) -> Output:
 def async_server(
     tiny_model: TinyModel, vllm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RuntimeServer]:
-    """The guide's async-mode serving.properties, with LoRA, a preloaded adapter and a model.py."""
+    """The guide's async-mode serving.properties, with LoRA, a preloaded adapter and a model.py; LMI's
+    adapter routes on, and the management port (token ADMIN_TOKEN)."""
     model_dir = tmp_path_factory.mktemp("async-model-dir")
     write_properties(
         model_dir,
@@ -227,7 +234,13 @@ def async_server(
     )
     shutil.copytree(tiny_model.adapters["a1"], model_dir / "adapters" / "a1")
     (model_dir / "model.py").write_text(SEED_STYLE_HANDLER, encoding="utf-8")
-    with serving(model_dir, vllm_env, model_dir.parent / "async-server.log") as server:
+    env = {
+        **vllm_env,
+        "LMI_ADAPTER_ROUTES": "true",
+        "LMI_ADMIN_PORT": str(free_port()),
+        "LMI_ADMIN_TOKEN": ADMIN_TOKEN,
+    }
+    with serving(model_dir, env, model_dir.parent / "async-server.log") as server:
         yield server
 
 

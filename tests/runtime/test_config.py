@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lmi_runtime.adapters import preload_dirs, preload_sources
+from lmi_runtime.adapter_set import classify
+from lmi_runtime.adapter_sources import declared_adapters
+from lmi_runtime.adapters import check_declared, preload_dirs
 from lmi_runtime.engine_args import ResolvedConfig, resolve
 from lmi_runtime.errors import RuntimeConfigError
 from lmi_runtime.properties import load_settings, parse_properties
@@ -238,20 +240,46 @@ def test_adapters_without_lora_is_an_error(tmp_path: Path) -> None:
     assert preload_dirs(tmp_path, enable_lora=True) == {"a1": tmp_path / "adapters" / "a1"}
 
 
-def test_adapters_listed_by_the_operator_join_the_folders(tmp_path: Path) -> None:
-    (tmp_path / "adapters" / "a1").mkdir(parents=True)
-    env = {"LMI_ADAPTERS": '{"zeta": "org/zeta-lora", "beta": "/opt/ml/adapters/beta"}'}
-    assert preload_sources(tmp_path, True, env) == {
-        "a1": str(tmp_path / "adapters" / "a1"),
-        "beta": "/opt/ml/adapters/beta",
-        "zeta": "org/zeta-lora",
-    }
-    with pytest.raises(RuntimeConfigError, match=r"LMI_ADAPTERS: adapter 'a1' is also a folder under"):
-        preload_sources(tmp_path, True, {"LMI_ADAPTERS": '{"a1": "org/a1"}'})
-    with pytest.raises(RuntimeConfigError, match=r"LMI_ADAPTERS: not JSON"):
-        preload_sources(tmp_path, True, {"LMI_ADAPTERS": "a1=org/a1"})
+def test_declared_adapters_come_from_the_file_or_the_variable_and_are_checked(tmp_path: Path) -> None:
+    listed = {"zeta": "org/zeta-lora", "beta": "s3://bucket/beta"}
+    file = tmp_path / "adapters.json"
+    # The operator's ConfigMap key may not be there yet: nothing declared.
+    assert declared_adapters({"LMI_ADAPTERS_FILE": str(file)}) == ({}, str(file))
+    file.write_text(json.dumps(listed), encoding="utf-8")
+    # The file wins over the variable.
+    env = {"LMI_ADAPTERS_FILE": str(file), "LMI_ADAPTERS": '{"other": "/x"}'}
+    assert declared_adapters(env) == (listed, str(file))
+    assert declared_adapters({"LMI_ADAPTERS": '{"other": "/x"}'}) == ({"other": "/x"}, "LMI_ADAPTERS")
+    with pytest.raises(RuntimeConfigError, match=r"^LMI_ADAPTERS: not JSON"):
+        declared_adapters({"LMI_ADAPTERS": "a1=org/a1"})
+    with pytest.raises(RuntimeConfigError, match=r"expected a JSON object of adapter name to source"):
+        declared_adapters({"LMI_ADAPTERS": '{"a1": 3}'})
+    folders = {"a1": tmp_path / "adapters" / "a1"}
+    check_declared(listed, "LMI_ADAPTERS", folders, enable_lora=True)
+    with pytest.raises(
+        RuntimeConfigError, match=r"LMI_ADAPTERS: adapter 'a1' is also a folder under adapters/"
+    ):
+        check_declared({"a1": "org/a1"}, "LMI_ADAPTERS", folders, enable_lora=True)
     with pytest.raises(RuntimeConfigError, match=r"LMI_ADAPTERS lists adapters but LoRA is off"):
-        preload_sources(tmp_path / "none", False, {"LMI_ADAPTERS": '{"x": "org/x"}'})
+        check_declared({"x": "org/x"}, "LMI_ADAPTERS", {}, enable_lora=False)
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("LoRA rank 16 is greater than max_lora_rank 8.", "RankTooLarge"),
+        ("Loading lora x failed: No adapter found for /no/such", "SourceMissing"),
+        ("adapter x=s3://b/p: NoSuchBucket: no such bucket", "SourceMissing"),
+        ("adapter x=s3://b/p: AccessDenied: these credentials may not list or read it", "DownloadDenied"),
+        (
+            "While loading x, expected target modules in ['q_proj'] but received ['fc1']. target_modules=",
+            "BaseModelMismatch",
+        ),
+        ("CUDA error: out of memory", "LoadFailed"),
+    ],
+)
+def test_adapter_failures_are_named_by_reason(message: str, reason: str) -> None:
+    assert classify(message) == reason
 
 
 def test_serving_properties_win_over_environment(tmp_path: Path) -> None:

@@ -9,13 +9,14 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from lmi_operator.testing.s3_server import Credentials, S3Server, read_policy, s3_server
 from lmi_runtime import compile_cache, model_store
+from lmi_runtime.adapter_set import classify
 from lmi_runtime.model_store import Source, hub_patterns
 from lmi_runtime.options import EXIT_DOWNLOAD_FAILED, EXIT_DOWNLOAD_STALLED
 from lmi_runtime.properties import load_settings
@@ -68,6 +69,17 @@ def fetch(
     )
 
 
+def fetch_adapter(cache: Path, env: Mapping[str, str], source: str) -> subprocess.CompletedProcess[str]:
+    """`lmi-runtime fetch --adapter SOURCE` into `cache`."""
+    return subprocess.run(
+        runtime_command("fetch", "--adapter", source, "--label", "adapter a1"),
+        env={**env, "LMI_CACHE_DIR": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def error_line(result: subprocess.CompletedProcess[str]) -> str:
     """The one error line of a failed command."""
     lines = [line for line in result.stderr.splitlines() if line.startswith("lmi-runtime: error:")]
@@ -90,20 +102,29 @@ def test_a_model_and_an_adapter_are_fetched_once_and_the_next_replica_asks_s3_no
 ) -> None:
     cache = tmp_path / "cache"
     env = bucket.server.env(bucket.reader)
-    adapters = json.dumps({"a1": ADAPTER_URL})
-    first = fetch(tmp_path / "m1", cache, env, LMI_ADAPTERS=adapters)
+    first = fetch(tmp_path / "m1", cache, env)
     assert first.returncode == 0, first.stderr
     assert f"fetched OPTION_MODEL_ID={MODEL_URL}" in first.stderr
     model = cache / "s3" / BUCKET / "llama" / "tiny"
     assert files_of(model) == files_of(tiny_model.path)
-    assert files_of(cache / "s3" / BUCKET / "adapters" / "a1") == files_of(tiny_model.adapters["a1"])
     assert not list(cache.rglob("*.partial"))
+    # An adapter is fetched on its own (what the server runs when it loads one): the path is printed.
+    adapter = fetch_adapter(cache, env, ADAPTER_URL)
+    assert adapter.returncode == 0, adapter.stderr
+    assert adapter.stdout.strip() == str(cache / "s3" / BUCKET / "adapters" / "a1")
+    assert files_of(cache / "s3" / BUCKET / "adapters" / "a1") == files_of(tiny_model.adapters["a1"])
 
     # The next replica's credentials may not even list the bucket: a request would fail.
-    second = fetch(tmp_path / "m2", cache, bucket.server.env(bucket.nobody), LMI_ADAPTERS=adapters)
+    nobody = bucket.server.env(bucket.nobody)
+    second = fetch(tmp_path / "m2", cache, nobody)
     assert second.returncode == 0, second.stderr
     assert f"cache hit: OPTION_MODEL_ID={MODEL_URL}" in second.stderr
-    assert f"cache hit: LMI_ADAPTERS[a1]={ADAPTER_URL}" in second.stderr
+    again = fetch_adapter(cache, nobody, ADAPTER_URL)
+    assert again.returncode == 0 and f"cache hit: adapter a1={ADAPTER_URL}" in again.stderr, again.stderr
+    # Not in the cache and not readable with these credentials: the reason the status shows.
+    denied = fetch_adapter(tmp_path / "empty", nobody, ADAPTER_URL)
+    assert denied.returncode == 3
+    assert classify(error_line(denied)) == "DownloadDenied", denied.stderr
 
     # `args` (as `serve` does) resolves the s3:// model id to its folder in the cache.
     args = subprocess.run(

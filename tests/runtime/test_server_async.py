@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.runtime.conftest import RuntimeServer, TinyModel
+from lmi_operator.testing.tiny_model import build_adapter
+from tests.runtime.conftest import ADMIN_TOKEN, RuntimeServer, TinyModel
 
 pytestmark = pytest.mark.vllm
 
@@ -231,3 +233,63 @@ def test_custom_handler_none_falls_back_and_exception_is_424(async_server: Runti
     assert set(fallback.json()) == {"generated_text"}
     assert failed.status_code == 424
     assert failed.json() == {"code": 424, "error": "Custom handler failed: the handler refused"}
+
+
+def test_the_management_port_converges_declared_adapters_and_names_each_failure(
+    async_server: RuntimeServer, tiny_model: TinyModel, tmp_path: Path
+) -> None:
+    rank16 = tmp_path / "rank16"
+    build_adapter(tiny_model.path, rank16, seed=3, rank=16)
+    a1, a2 = str(tiny_model.adapters["a1"]), str(tiny_model.adapters["a2"])
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    request = {"inputs": "the model", "parameters": GREEDY}
+
+    def states(answer: httpx.Response) -> dict[str, tuple[str, str]]:
+        assert answer.status_code == 200, answer.text
+        return {a["name"]: (a["state"], a["reason"]) for a in answer.json()["adapters"]}
+
+    with httpx.Client(base_url=async_server.admin_url, timeout=120) as admin, async_server.client() as client:
+        # Only the bearer of the token; and the serving port has no such route.
+        assert admin.get("/lmi/adapters").status_code == 401
+        assert (
+            admin.put(
+                "/lmi/adapters", json={"adapters": {}}, headers={"Authorization": "Bearer x"}
+            ).status_code
+            == 401
+        )
+        assert client.get("/lmi/adapters").status_code == 404
+        bad = admin.put("/lmi/adapters", json={"adapters": {"d1": 7}}, headers=auth)
+        assert (
+            bad.status_code == 400
+            and "expected a JSON object of adapter name to source" in bad.json()["error"]
+        )
+
+        declared = {"d1": a1, "d2": a2, "missing": "/no/such/adapter", "wide": str(rank16)}
+        assert states(admin.put("/lmi/adapters", json={"adapters": declared}, headers=auth)) == {
+            "d1": ("Loaded", ""),
+            "d2": ("Loaded", ""),
+            "missing": ("Failed", "SourceMissing"),
+            "wide": ("Failed", "RankTooLarge"),
+        }
+        failed = {a["name"]: a for a in admin.get("/lmi/adapters", headers=auth).json()["adapters"]}
+        assert "greater than max_lora_rank 8" in failed["wide"]["message"], failed
+        base = lmi(client, request).json()["generated_text"]
+        with_a1 = lmi(client, {**request, "adapters": "d1"}).json()["generated_text"]
+        with_a2 = lmi(client, {**request, "adapters": "d2"}).json()["generated_text"]
+        assert len({base, with_a1, with_a2}) == 3
+        assert lmi(client, {**request, "adapters": "a1"}).json()["generated_text"] == with_a1
+
+        # A changed source is reloaded; a removed adapter is unloaded; the failed ones are retried.
+        changed = {"d1": a2, "missing": "/no/such/adapter"}
+        assert states(admin.put("/lmi/adapters", json={"adapters": changed}, headers=auth)) == {
+            "d1": ("Loaded", ""),
+            "missing": ("Failed", "SourceMissing"),
+        }
+        assert lmi(client, {**request, "adapters": "d1"}).json()["generated_text"] == with_a2
+        assert lmi(client, {**request, "adapters": "d2"}).status_code == 424
+        served = {m["id"] for m in client.get("/v1/models").json()["data"]}
+        assert "d1" in served and "d2" not in served and "wide" not in served
+
+        assert states(admin.put("/lmi/adapters", json={"adapters": {}}, headers=auth)) == {}
+        # The model folder's own adapter is not the management port's to remove.
+        assert [a["name"] for a in client.get("/adapters").json()["adapters"]] == ["a1"]

@@ -22,7 +22,9 @@ def test_env_only_rolling_batch_server_serves_lmi_and_openai(rolling_server: Run
     assert chat.status_code == 200
 
 
-def test_lora_off_answers_400(rolling_server: RuntimeServer) -> None:
+def test_lora_off_answers_400_and_lmis_adapter_routes_are_off_by_default(
+    rolling_server: RuntimeServer,
+) -> None:
     with rolling_server.client() as client:
         listing = client.get("/adapters")
         register = client.post("/models/lmi/adapters", params={"name": "a", "src": "/tmp"})
@@ -31,6 +33,7 @@ def test_lora_off_answers_400(rolling_server: RuntimeServer) -> None:
             json={"inputs": "x"},
             headers={"X-Amzn-SageMaker-Adapter-Identifier": "a"},
         )
-    for response in (listing, register, chosen):
-        assert response.status_code == 400
-        assert response.json()["error"].endswith("LoRA is not enabled.")
+    # Without LMI_ADAPTER_ROUTES=true nobody can load an adapter through the serving port.
+    assert listing.status_code == 404 and register.status_code in (404, 405), (listing.text, register.text)
+    assert chosen.status_code == 400
+    assert chosen.json()["error"].endswith("LoRA is not enabled.")

@@ -99,8 +99,8 @@ def build_model(target: Path) -> None:
     build_tokenizer(target)
 
 
-def build_adapter(model_dir: Path, target: Path, seed: int = 1) -> None:
-    """A peft LoRA adapter (r=8 on q_proj, v_proj) with non-zero weights, so its output differs."""
+def build_adapter(model_dir: Path, target: Path, seed: int = 1, rank: int = 8) -> None:
+    """A peft LoRA adapter (rank `rank` on q_proj, v_proj) with non-zero weights, so its output differs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -108,7 +108,7 @@ def build_adapter(model_dir: Path, target: Path, seed: int = 1) -> None:
     torch.manual_seed(seed)
     base = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
     # init_lora_weights=False draws both LoRA matrices at random; the default (B=0) changes nothing.
-    config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     peft_model = get_peft_model(base, config)
     peft_model.save_pretrained(str(target))
 
