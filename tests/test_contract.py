@@ -21,10 +21,12 @@ import yaml
 
 from lmi_operator.api import KIND, LMIModel, parse_lmimodel
 from lmi_operator.render import Rendered, render
+from lmi_operator.render_adapters import ADAPTERS_MOUNT
 from lmi_operator.settings import OperatorSettings
 from lmi_runtime import model_store
 from lmi_runtime import options as lmi
-from lmi_runtime.adapters import preload_sources
+from lmi_runtime.adapter_sources import declared_adapters
+from lmi_runtime.adapters import check_declared, preload_dirs
 from lmi_runtime.cli import argument_parser
 from lmi_runtime.engine_args import ResolvedConfig, VllmSchema, load_schema, resolve
 from lmi_runtime.handler import load_handler
@@ -83,15 +85,19 @@ def config_mounts(rendered: Rendered) -> dict[PurePosixPath, str]:
     deployment = rendered.by_kind("Deployment")
     assert config_map is not None and deployment is not None
     volumes = {
-        v["name"]
+        v["name"]: v["configMap"]
         for v in deployment["spec"]["template"]["spec"]["volumes"]
         if v.get("configMap", {}).get("name") == config_map["metadata"]["name"]
     }
-    files = {
-        PurePosixPath(m["mountPath"]): config_map["data"][m["subPath"]]
-        for m in container_of(rendered)["volumeMounts"]
-        if m["name"] in volumes
-    }
+    files: dict[PurePosixPath, str] = {}
+    for m in container_of(rendered)["volumeMounts"]:
+        if m["name"] not in volumes:
+            continue
+        if "subPath" in m:
+            files[PurePosixPath(m["mountPath"])] = config_map["data"][m["subPath"]]
+        else:  # a folder of the listed keys, which the kubelet keeps current
+            for item in volumes[m["name"]]["items"]:
+                files[PurePosixPath(m["mountPath"]) / item["path"]] = config_map["data"][item["key"]]
     assert set(files.values()) == set(config_map["data"].values()), "a ConfigMap file is not mounted"
     return files
 
@@ -109,8 +115,21 @@ def test_the_pod_runs_lmi_runtime_fetch_then_serve_on_its_port_and_model_dir(
     entrypoint, cmd = exec_form(dockerfile, "ENTRYPOINT"), exec_form(dockerfile, "CMD")
     parsed = parse_runtime_argv(kubernetes_argv(entrypoint, cmd, container), capsys)
     assert parsed.command == "serve"
-    assert [parsed.port] == [port["containerPort"] for port in container["ports"]]
-    assert {path.parent for path in config_mounts(rendered)} == {PurePosixPath(parsed.model_dir)}
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports.pop("http") == parsed.port
+    # With LoRA, the management port: where the runtime is told to listen (LMI_ADMIN_PORT).
+    env = {var["name"]: var.get("value") for var in container["env"]}
+    assert ports == ({"admin": int(env[lmi.ADMIN_PORT_ENV])} if lmi.ADMIN_PORT_ENV in env else {})
+    mounted = config_mounts(rendered)
+    assert PurePosixPath(parsed.model_dir) / lmi.PROPERTIES_FILE in mounted
+    assert {path.parent for path in mounted} <= {
+        PurePosixPath(parsed.model_dir),
+        PurePosixPath(ADAPTERS_MOUNT),
+    }
+    # The files the runtime is pointed at are the ones mounted.
+    for variable in (lmi.ADAPTERS_FILE_ENV, lmi.ADMIN_KEYS_ENV):
+        assert (variable in env) == (obj.spec.lora is not None and obj.spec.lora.enabled)
+        assert variable not in env or PurePosixPath(env[variable]) in mounted
     # The init container reads the same settings from the same folders: what it fetches into the
     # cache is where the server looks.
     fetch = parse_runtime_argv(kubernetes_argv(entrypoint, cmd, init), capsys)
@@ -155,10 +174,17 @@ def runtime_reads(
     """What `lmi-runtime args` resolves in the rendered pod, on a node with the GPUs it requests."""
     rendered = render(obj, SETTINGS)
     cache_mount(rendered)
-    for path, text in config_mounts(rendered).items():
-        (model_dir / path.relative_to(lmi.MODEL_DIR)).write_text(text, encoding="utf-8")
     # Values from Secrets (HF_TOKEN) are not configuration; only literal values are.
     env = {var["name"]: var["value"] for var in container_of(rendered)["env"] if "value" in var}
+    for path, text in config_mounts(rendered).items():
+        if path.is_relative_to(lmi.MODEL_DIR):
+            (model_dir / path.relative_to(lmi.MODEL_DIR)).write_text(text, encoding="utf-8")
+            continue
+        # Elsewhere (the declared adapters' folder): written here, and the variables naming it too.
+        local = model_dir.parent / "mounts" / path.relative_to("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(text, encoding="utf-8")
+        env = {k: str(local) if v == str(path) else v for k, v in env.items()}
     # The cache volume, mounted here rather than at the pod's path.
     env[lmi.CACHE_ENV] = str(model_dir / "cache-volume")
     settings = load_settings(model_dir, env)
@@ -219,13 +245,10 @@ def test_the_runtime_reads_the_model_the_spec_specifies(
         assert hasattr(config.namespace, lmi.RENAMED.get(key, key)), f"engine.options.{key} was dropped"
     lora = obj.spec.lora
     adapters = {a.name: a.source for a in lora.adapters} if lora is not None and lora.enabled else {}
-    # s3:// adapters load from where the init container fetched them: the cache volume's s3/ folder.
-    cache = env[lmi.CACHE_ENV]
-    fetched = {
-        n: f"{cache}/s3/{s.removeprefix('s3://')}" if s.startswith("s3://") else s
-        for n, s in adapters.items()
-    }
-    assert preload_sources(tmp_path, config.enable_lora, env) == fetched
+    # The runtime loads, before it is ready, the adapters the spec declares, from the mounted file.
+    declared, _ = declared_adapters(env)
+    assert declared == adapters
+    check_declared(declared, "declared", preload_dirs(tmp_path, config.enable_lora), config.enable_lora)
     # load_handler puts the model folder on sys.path, as LMI does; the test's own path is restored.
     monkeypatch.setattr(sys, "path", list(sys.path))
     handler = obj.spec.handler

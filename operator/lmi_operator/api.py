@@ -462,7 +462,7 @@ class Engine(_Object):
 
 
 class Adapter(_Object):
-    """A LoRA adapter loaded at start-up, as a sub-directory of <model dir>/adapters."""
+    """A LoRA adapter every replica serves under `name`."""
 
     lmi_rules = (
         Rule(
@@ -484,7 +484,8 @@ class Adapter(_Object):
     source: str = Field(
         min_length=1,
         max_length=512,
-        description="Where the adapter is: hub id (org/name), s3:// URL or path.",
+        description="Where the adapter is: hub id (org/name), s3:// URL (fetched into the model cache) or an "
+        "absolute path in the pod, such as one on the model cache volume (/opt/ml/cache/...).",
     )
 
 
@@ -555,7 +556,16 @@ class LoRA(_Object):
         default_factory=list,
         max_length=32,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
-        description="Adapters registered at start-up; more can be added at run time with the adapters API.",
+        description="Adapters every replica serves. Adding, changing or removing one does not restart "
+        "anything: the operator brings each ready replica to the list through the runtime's management "
+        "port, and a replica that starts loads the list before it reports ready. status.adapters shows "
+        "where each is loaded, or why not.",
+    )
+    adapter_routes: bool = Field(
+        False,
+        description="Also serve LMI's /adapters routes (register, update, delete) on the model's port. "
+        "Off by default: whoever reaches the model's Service could then load an adapter from any path or "
+        "URL the pod can read; adapters changed this way are not in status.adapters.",
     )
 
     def effective_max_loras(self) -> int:
@@ -1067,7 +1077,8 @@ class Condition(_Object):
     type: str = Field(
         max_length=316,
         description=(
-            "Ready, Progressing, Degraded, Reconciling or Stalled; or an advisory that is present only "
+            "Ready, Progressing, Degraded, Reconciling or Stalled; AdaptersReady (with LoRA: every adapter "
+            "in spec.lora.adapters loaded on every ready replica); or an advisory that is present only "
             "while it applies and never affects Ready: BatchSizeDefaulted (async mode at LMI's default "
             "batch size)."
         ),
@@ -1115,6 +1126,24 @@ class StartupStatus(_Object):
     )
 
 
+class AdapterStatus(_Object):
+    """Where one adapter of spec.lora.adapters is loaded, or why it is not."""
+
+    name: str = Field(max_length=63, description="The adapter's name.")
+    source: str = Field(max_length=512, description="The source the replicas were asked to load.")
+    loaded: str = Field(
+        max_length=32, description="Ready replicas serving it from this source, of all ready ones (N/M)."
+    )
+    reason: str | None = Field(
+        None,
+        max_length=64,
+        description="Why a replica did not load it: SourceMissing, RankTooLarge, BaseModelMismatch, "
+        "DownloadDenied, DownloadStalled, NameConflict, LoadFailed, or Unreachable (its management port "
+        "did not answer).",
+    )
+    message: str | None = Field(None, max_length=4096, description="The replica and the runtime's own words.")
+
+
 class LMIModelStatus(_Object):
     """The observed state, written by the operator only."""
 
@@ -1144,6 +1173,17 @@ class LMIModelStatus(_Object):
         description="The LMI options the runtime was given, after defaults and 'max'.",
     )
     startup: StartupStatus | None = Field(None, description=StartupStatus.__doc__)
+    adapters: list[AdapterStatus] = Field(
+        default_factory=list,
+        max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="Each adapter of spec.lora.adapters: how many ready replicas serve it, or why not.",
+    )
+    adapters_loaded: str | None = Field(
+        None,
+        max_length=32,
+        description="Adapters loaded on every ready replica, of those declared (N/M): the Adapters column.",
+    )
 
 
 # --- the object ----------------------------------------------------------------------------------

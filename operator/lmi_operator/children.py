@@ -40,17 +40,20 @@ def drifted(live: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
 class ChildrenApplier:
     """Brings one model's children in line with its parsed spec, through the cache's copies."""
 
-    def __init__(self, client: KubeClient, cache: ModelCache, settings: OperatorSettings) -> None:
+    def __init__(
+        self, client: KubeClient, cache: ModelCache, settings: OperatorSettings, admin_key: str = ""
+    ) -> None:
         self.client = client
         self.cache = cache
         self.settings = settings
+        self.admin_key = admin_key  # the public key of the operator's adapter management requests
 
     async def apply(self, key: Key, obj: LMIModel) -> None:
         """Apply what `obj` renders to where it drifted and delete the children it no longer asks for.
         A child the API server refuses (400/422: retrying cannot help) is named in the model's
         apply_error for status; other failures raise, for the work queue to retry."""
         st = self.cache.state(key)
-        rendered = render(obj, self.settings)
+        rendered = render(obj, self.settings, self.admin_key)
         await self.cache.read_missing(
             key, [(d["apiVersion"], d["kind"], d["metadata"]["name"]) for d in rendered.objects]
         )

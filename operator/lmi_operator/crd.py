@@ -87,6 +87,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": ".status.startup.phase",
         "description": "The start-up phase of the replica furthest from Ready.",
     },
+    {
+        "name": "Adapters",
+        "type": "string",
+        "jsonPath": ".status.adaptersLoaded",
+        "description": "LoRA adapters loaded on every ready replica, of those declared.",
+    },
     {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpus", "priority": 1},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

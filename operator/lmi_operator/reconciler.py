@@ -21,6 +21,7 @@ from lmi_operator.memory import Trimmer
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.status_report import StatusReporter, parse
 from lmi_operator.workqueue import WorkQueue
+from lmi_runtime.admin_auth import Signer
 
 
 class Reconciler:
@@ -38,8 +39,13 @@ class Reconciler:
             on_pods=self.status_queue.add,
             on_deleted=self._deleted,
         )
-        self.children = ChildrenApplier(client, self.cache, settings)
-        self.status = StatusReporter(client, self.cache, settings, EventRecorder(client))
+        # Made per process, kept in memory only: a new operator's public key reaches the pods through
+        # their ConfigMaps (lmi_runtime.admin_auth).
+        signer = Signer()
+        self.children = ChildrenApplier(client, self.cache, settings, signer.public_key)
+        self.status = StatusReporter(client, self.cache, settings, EventRecorder(client), signer)
+        # A replica that finished loading adapters is reported at once.
+        self.status.adapters.notify = self.status_queue.add
         self.last_progress = time.monotonic()
 
     async def run(self) -> None:

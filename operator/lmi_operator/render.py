@@ -14,6 +14,7 @@ from typing import Any
 
 from lmi_operator.api import API_VERSION, KIND, LMIModel, LMIModelSpec
 from lmi_operator.properties import lmi_environment, lmi_options, serving_properties
+from lmi_operator.render_adapters import UNROLLED_KEYS, adapter_env, adapter_volume, adapters_data, admin_port
 from lmi_operator.render_cache import (
     CACHE_DIR,
     CACHE_VOLUME,
@@ -24,7 +25,7 @@ from lmi_operator.render_cache import (
     fetch_container,
 )
 from lmi_operator.settings import OperatorSettings
-from lmi_runtime.options import ADAPTERS_ENV, HANDLER_FILE, MODEL_DIR, PORT, PROPERTIES_FILE
+from lmi_runtime.options import HANDLER_FILE, MODEL_DIR, PORT, PROPERTIES_FILE
 
 MODEL_LABEL = "serving.lmi.dev/model"
 CONFIG_HASH = "serving.lmi.dev/config-hash"
@@ -73,7 +74,8 @@ def config_map_name(name: str) -> str:
     return f"{name}-lmi-config"
 
 
-def _meta(obj: LMIModel, name: str) -> dict[str, Any]:
+def owned_metadata(obj: LMIModel, name: str) -> dict[str, Any]:
+    """Metadata of a child named `name`: the model's labels and namespace, the model as its owner."""
     meta: dict[str, Any] = {
         "name": name,
         "namespace": obj.metadata.namespace,
@@ -98,14 +100,14 @@ def _quantity(value: int | str) -> str:
     return str(value)
 
 
-def _config_map(obj: LMIModel) -> dict[str, Any]:
-    data = {PROPERTIES_FILE: serving_properties(obj.spec)}
+def _config_map(obj: LMIModel, admin_key: str) -> dict[str, Any]:
+    data = {PROPERTIES_FILE: serving_properties(obj.spec), **adapters_data(obj.spec, admin_key)}
     if obj.spec.handler is not None and obj.spec.handler.model_py is not None:
         data[HANDLER_FILE] = obj.spec.handler.model_py
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(obj, config_map_name(str(obj.metadata.name))),
+        "metadata": owned_metadata(obj, config_map_name(str(obj.metadata.name))),
         "data": data,
     }
 
@@ -113,9 +115,7 @@ def _config_map(obj: LMIModel) -> dict[str, Any]:
 def _env(spec: LMIModelSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in lmi_environment(spec).items()]
     env += cache_env(spec)
-    if spec.lora is not None and spec.lora.enabled and spec.lora.adapters:
-        adapters = {a.name: a.source for a in spec.lora.adapters}
-        env.append({"name": ADAPTERS_ENV, "value": json.dumps(adapters, sort_keys=True)})
+    env += adapter_env(spec)
     if ref := spec.model.hf_token_secret_ref:
         # By reference only: the token never appears in a ConfigMap, annotation or status.
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
@@ -136,6 +136,8 @@ def _volumes(obj: LMIModel, settings: OperatorSettings) -> tuple[list[dict[str, 
         {"name": "dshm", "emptyDir": shm},
         {"name": "lmi-config", "configMap": {"name": cm}},
     ]
+    adapter_volumes, adapter_mounts = adapter_volume(spec, cm)
+    volumes += adapter_volumes
     mounts: list[dict[str, Any]] = [
         {"name": "model-dir", "mountPath": MODEL_DIR},
         {"name": CACHE_VOLUME, "mountPath": CACHE_DIR},
@@ -146,6 +148,7 @@ def _volumes(obj: LMIModel, settings: OperatorSettings) -> tuple[list[dict[str, 
             "subPath": PROPERTIES_FILE,
             "readOnly": True,
         },
+        *adapter_mounts,
     ]
     handler = spec.handler
     if handler is not None and handler.model_py is not None:
@@ -223,7 +226,7 @@ def _pod_spec(obj: LMIModel, settings: OperatorSettings, gpu_resource: str) -> d
         "image": spec.image or settings.runtime_image,
         # The image's ENTRYPOINT is `lmi-runtime`; these args replace its CMD (tests/test_contract.py).
         "args": ["serve", "--model-dir", MODEL_DIR, "--port", str(PORT)],
-        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}, *admin_port(spec)],
         "env": _env(spec),
         "volumeMounts": mounts,
         # A crash's last log lines (the runtime's one-line error) become the termination message,
@@ -298,7 +301,9 @@ def _deployment(obj: LMIModel, settings: OperatorSettings, config: dict[str, Any
     name = str(obj.metadata.name)
     gpu_resource = gpu_resource_of(spec, settings)
     pod_spec = _pod_spec(obj, settings, gpu_resource)
-    template_hash = config_hash({"config": config["data"], "pod": pod_spec})
+    # The declared adapters reach running pods without a restart (render_adapters).
+    rolled = {k: v for k, v in config["data"].items() if k not in UNROLLED_KEYS}
+    template_hash = config_hash({"config": rolled, "pod": pod_spec})
     dep_spec: dict[str, Any] = {
         "selector": {"matchLabels": selector_of(name)},
         "strategy": _strategy(spec),
@@ -311,7 +316,12 @@ def _deployment(obj: LMIModel, settings: OperatorSettings, config: dict[str, Any
         },
     }
     dep_spec = {"replicas": desired_replicas(spec)} | dep_spec
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(obj, name), "spec": dep_spec}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": owned_metadata(obj, name),
+        "spec": dep_spec,
+    }
 
 
 def _service(obj: LMIModel) -> dict[str, Any]:
@@ -319,7 +329,7 @@ def _service(obj: LMIModel) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(obj, name),
+        "metadata": owned_metadata(obj, name),
         "spec": {
             "type": "ClusterIP",
             "selector": selector_of(name),
@@ -333,7 +343,7 @@ def _pdb(obj: LMIModel) -> dict[str, Any]:
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _meta(obj, name),
+        "metadata": owned_metadata(obj, name),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_of(name)}},
     }
 
@@ -379,7 +389,7 @@ def _hpa(obj: LMIModel) -> dict[str, Any]:
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": _meta(obj, name),
+        "metadata": owned_metadata(obj, name),
         "spec": spec,
     }
 
@@ -396,12 +406,13 @@ def gpu_resource_of(spec: LMIModelSpec, settings: OperatorSettings) -> str:
     return spec.resources.gpu_resource_name or settings.gpu_resource_name
 
 
-def render(obj: LMIModel, settings: OperatorSettings) -> Rendered:
-    """Every object an LMIModel needs, in the order they are applied (config before pods)."""
+def render(obj: LMIModel, settings: OperatorSettings, admin_key: str = "") -> Rendered:
+    """Every object an LMIModel needs, in the order they are applied (config before pods).
+    `admin_key` is the operator's public key for the adapter management port (render_adapters)."""
     name = str(obj.metadata.name)
-    config = _config_map(obj)
+    config = _config_map(obj, admin_key)
     objects = [config, _deployment(obj, settings, config), _service(obj)]
-    if cache_claim := claim(obj, settings, _meta(obj, claim_name(name))):
+    if cache_claim := claim(obj, settings, owned_metadata(obj, claim_name(name))):
         # Before the Deployment would be better, but pods wait for their claim by themselves.
         objects.append(cache_claim)
     min_replicas = obj.spec.autoscaling.min_replicas if obj.spec.autoscaling else obj.spec.replicas

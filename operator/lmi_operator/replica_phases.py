@@ -32,6 +32,12 @@ def server_starting(pod: Mapping[str, Any]) -> bool:
     return bool(server.get("state", {}).get("running")) and not server.get("ready")
 
 
+def server_ready(pod: Mapping[str, Any]) -> bool:
+    """Whether the model server's container is ready (it serves, and its management port answers)."""
+    server = _status_of(pod.get("status", {}).get("containerStatuses", []), SERVER_CONTAINER)
+    return bool(server.get("ready")) and bool(pod.get("status", {}).get("podIP"))
+
+
 def _seconds(start: datetime.datetime | None, end: datetime.datetime | None) -> int | None:
     return max(0, int((end - start).total_seconds())) if start and end else None
 

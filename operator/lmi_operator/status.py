@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmi_operator.adapter_status import AdapterReport
 from lmi_operator.api import FIRST_CLASS_OPTIONS, LMI_DEFAULT_BATCH_SIZE, EngineMode
 from lmi_operator.render import CONFIG_HASH
 from lmi_operator.render_cache import FETCH_CONTAINER
@@ -113,6 +114,8 @@ class Observed:
     max_rolling_batch_size: int | None = None
     # status.startup as `replica_phases` makes it (None: no pods, or the spec could not be read).
     startup: Mapping[str, Any] | None = None
+    # With LoRA: the declared adapters judged from the replicas' answers (adapter_status).
+    adapters: AdapterReport | None = None
     now: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
 
 
@@ -286,7 +289,8 @@ def advisories(obs: Observed) -> list[dict[str, str]]:
 
 
 def conditions_for(obs: Observed) -> list[dict[str, str]]:
-    """The five health conditions, then the advisories (without timestamps), for what was observed."""
+    """The five health conditions, AdaptersReady with LoRA, then the advisories (without timestamps),
+    for what was observed."""
     replicas, ready, updated, available, current = _deployment_numbers(obs)
     desired = obs.desired_replicas
     problem = problem_of(obs)
@@ -334,6 +338,7 @@ def conditions_for(obs: Observed) -> list[dict[str, str]]:
         _condition(RECONCILING, progressing, progressing_c["reason"], progressing_c["message"]),
         # Serving but degraded (say, a Secret deleted under running pods) is not a failed rollout.
         _condition(STALLED, problem is not None and not serving, degraded_c["reason"], degraded_c["message"]),
+        *([dict(obs.adapters.condition)] if obs.adapters is not None else []),
         *advisories(obs),
     ]
 
@@ -361,13 +366,21 @@ def build_status(obs: Observed, previous: Mapping[str, Any] | None) -> dict[str,
         stamp = rfc3339(obs.now) if changed or not old else old.get("lastTransitionTime", rfc3339(obs.now))
         conditions.append(cond | {"lastTransitionTime": stamp, "observedGeneration": obs.generation})
     replicas, ready, _, _, _ = _deployment_numbers(obs)
-    return {
-        "observedGeneration": obs.generation,
-        "replicas": replicas,
-        "readyReplicas": ready,
-        "ready": f"{ready}/{obs.desired_replicas}",
-        "selector": obs.selector,
-        "endpoint": f"http://{obs.name}.{obs.namespace}.svc.cluster.local:{PORT}",
-        "engineOptions": {k: _fit(v) for k, v in sorted(obs.engine_options.items())},
-        "conditions": conditions,
-    } | ({"startup": dict(obs.startup)} if obs.startup is not None else {})
+    return (
+        {
+            "observedGeneration": obs.generation,
+            "replicas": replicas,
+            "readyReplicas": ready,
+            "ready": f"{ready}/{obs.desired_replicas}",
+            "selector": obs.selector,
+            "endpoint": f"http://{obs.name}.{obs.namespace}.svc.cluster.local:{PORT}",
+            "engineOptions": {k: _fit(v) for k, v in sorted(obs.engine_options.items())},
+            "conditions": conditions,
+        }
+        | ({"startup": dict(obs.startup)} if obs.startup is not None else {})
+        | (
+            {"adapters": obs.adapters.adapters, "adaptersLoaded": obs.adapters.loaded}
+            if obs.adapters is not None
+            else {}
+        )
+    )

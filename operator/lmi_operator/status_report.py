@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from lmi_operator import metrics
+from lmi_operator.adapter_status import AdapterReport, judge
+from lmi_operator.adapter_sync import AdapterSync
 from lmi_operator.api import API_VERSION, KIND, EngineMode, InvalidLMIModel, LMIModel, parse_lmimodel
 from lmi_operator.cache import Key, ModelCache, ModelState
 from lmi_operator.engine_options import check_options
@@ -27,10 +29,12 @@ from lmi_operator.render import (
     selector_of,
     selector_string,
 )
-from lmi_operator.replica_phases import server_starting, startup_status
+from lmi_operator.render_adapters import declared, lora_on
+from lmi_operator.replica_phases import server_ready, server_starting, startup_status
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.startup_reader import StartupReader
 from lmi_operator.status import INSUFFICIENT_GPU, READY, Observed, build_status, problem_of
+from lmi_runtime.admin_auth import Signer
 
 # How often to look again at a model whose pods are loading (to notice a StartupTimeout), and at one
 # whose model server is starting (to follow its start-up phases).
@@ -76,7 +80,12 @@ class StatusReporter:
     """Writes each model's status from the cache; `recheck(key, delay)` asks to be called again."""
 
     def __init__(
-        self, client: KubeClient, cache: ModelCache, settings: OperatorSettings, events: EventRecorder
+        self,
+        client: KubeClient,
+        cache: ModelCache,
+        settings: OperatorSettings,
+        events: EventRecorder,
+        signer: Signer | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
@@ -84,6 +93,7 @@ class StatusReporter:
         self.events = events
         self.gpus = GpuCapacity(client)
         self.startups = StartupReader()
+        self.adapters = AdapterSync(signer or Signer())
         self._reasons: dict[Key, str] = {}
 
     async def report(self, key: Key) -> float | None:
@@ -103,6 +113,8 @@ class StatusReporter:
         observed = self._observed(key, st, body, obj, options=lmi_options(obj.spec))
         runtime = await self.startups.read(key, observed.pods)
         observed = dataclasses.replace(observed, startup=startup_status(observed.pods, runtime))
+        if lora_on(obj.spec):
+            observed = dataclasses.replace(observed, adapters=await self._adapters(key, obj, observed))
         problem = problem_of(observed)
         if problem is not None and problem.reason == INSUFFICIENT_GPU:
             free = await self.gpus.free_by_node(observed.gpu_resource)
@@ -110,8 +122,19 @@ class StatusReporter:
         status = await self._write(key, body, observed)
         if any(server_starting(pod) for pod in observed.pods):
             return STARTING_RECHECK_SECONDS
+        adapters = observed.adapters
+        if adapters is not None and not adapters.converged and any(map(server_ready, observed.pods)):
+            # Loading: soon (a finished load also asks for a report); a failure: retried less often.
+            return RECHECK_SECONDS if adapters.failed else STARTING_RECHECK_SECONDS
         ready = next(c for c in status["conditions"] if c["type"] == READY)
         return RECHECK_SECONDS if ready["status"] != "True" and st.pods else None
+
+    async def _adapters(self, key: Key, obj: LMIModel, observed: Observed) -> AdapterReport:
+        """Converge the ready replicas to the declared adapters and judge what they answered."""
+        wanted = declared(obj.spec)
+        ready = [pod for pod in observed.pods if server_ready(pod)]
+        answers = await self.adapters.sync(key, wanted, ready) if ready else {}
+        return judge(wanted, [str(p["metadata"]["name"]) for p in ready], answers)
 
     def forget(self, key: Key) -> None:
         """The model is gone: it no longer counts in the models-by-reason gauge, and its Events
@@ -119,6 +142,7 @@ class StatusReporter:
         self._track(key, None)
         self.events.forget(*key)
         self.startups.forget(key)
+        self.adapters.forget(key)
 
     def _observed(
         self,

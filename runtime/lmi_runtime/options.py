@@ -138,9 +138,10 @@ TENSOR_PARALLEL_DEGREE_ENV: Final = "TENSOR_PARALLEL_DEGREE"
 # operator mounts: a file the kubelet refreshes, so the pod template does not change) in the file.
 ADAPTERS_ENV: Final = "LMI_ADAPTERS"
 ADAPTERS_FILE_ENV: Final = "LMI_ADAPTERS_FILE"
-# The adapter management port (not in the model's Service), its bearer token, and its route.
+# The adapter management port (not in the model's Service), the file of public keys whose
+# signatures it accepts (admin_auth), and its route.
 ADMIN_PORT_ENV: Final = "LMI_ADMIN_PORT"
-ADMIN_TOKEN_ENV: Final = "LMI_ADMIN_TOKEN"
+ADMIN_KEYS_ENV: Final = "LMI_ADMIN_KEYS_FILE"
 ADMIN_PORT: Final = 8081
 ADMIN_ADAPTERS_PATH: Final = "/lmi/adapters"
 # LMI's /adapters routes on the serving port (anyone who reaches the Service may load any path): off
@@ -168,7 +169,7 @@ CONFIG_ENV: Final[tuple[str, ...]] = (
     ADAPTERS_ENV,
     ADAPTERS_FILE_ENV,
     ADMIN_PORT_ENV,
-    ADMIN_TOKEN_ENV,
+    ADMIN_KEYS_ENV,
     ADAPTER_ROUTES_ENV,
 )
 

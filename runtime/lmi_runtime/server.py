@@ -465,7 +465,7 @@ class AdapterPlan:
 
     folders: dict[str, Path]
     declared: dict[str, str]
-    admin: tuple[socket.socket, str] | None  # the management port's socket and token
+    admin: tuple[socket.socket, Path] | None  # the management port's socket and public keys file
     lmi_routes: bool
 
 

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from lmi_operator.testing.tiny_model import build_adapter, build_model, vllm_cpu_env
+from lmi_runtime.admin_auth import Signer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_SRC = REPO_ROOT / "runtime"
@@ -68,7 +69,8 @@ def runtime_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "lmi_runtime", *args]
 
 
-ADMIN_TOKEN = "test-admin-token"
+# Signs the tests' management requests as the operator would (lmi_runtime.admin_auth).
+ADMIN_SIGNER = Signer()
 
 
 @dataclass
@@ -224,7 +226,7 @@ def async_server(
     tiny_model: TinyModel, vllm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RuntimeServer]:
     """The guide's async-mode serving.properties, with LoRA, a preloaded adapter and a model.py; LMI's
-    adapter routes on, and the management port (token ADMIN_TOKEN)."""
+    adapter routes on, and the management port (requests signed by ADMIN_SIGNER)."""
     model_dir = tmp_path_factory.mktemp("async-model-dir")
     write_properties(
         model_dir,
@@ -234,11 +236,13 @@ def async_server(
     )
     shutil.copytree(tiny_model.adapters["a1"], model_dir / "adapters" / "a1")
     (model_dir / "model.py").write_text(SEED_STYLE_HANDLER, encoding="utf-8")
+    keys = model_dir.parent / "admin.pub"
+    keys.write_text(ADMIN_SIGNER.public_key + "\n", encoding="utf-8")
     env = {
         **vllm_env,
         "LMI_ADAPTER_ROUTES": "true",
         "LMI_ADMIN_PORT": str(free_port()),
-        "LMI_ADMIN_TOKEN": ADMIN_TOKEN,
+        "LMI_ADMIN_KEYS_FILE": str(keys),
     }
     with serving(model_dir, env, model_dir.parent / "async-server.log") as server:
         yield server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ import httpx
 import pytest
 
 from lmi_operator.testing.tiny_model import build_adapter
-from tests.runtime.conftest import ADMIN_TOKEN, RuntimeServer, TinyModel
+from lmi_runtime.admin_auth import Signer
+from tests.runtime.conftest import ADMIN_SIGNER, RuntimeServer, TinyModel
 
 pytestmark = pytest.mark.vllm
 
@@ -235,13 +237,26 @@ def test_custom_handler_none_falls_back_and_exception_is_424(async_server: Runti
     assert failed.json() == {"code": 424, "error": "Custom handler failed: the handler refused"}
 
 
+def signed_put(admin: httpx.Client, adapters: object) -> httpx.Response:
+    """PUT /lmi/adapters signed as the operator signs it (what one side writes, the other reads)."""
+    body = json.dumps({"adapters": adapters}).encode()
+    auth = ADMIN_SIGNER.authorization("PUT", "/lmi/adapters", body)
+    return admin.put("/lmi/adapters", content=body, headers={"Authorization": auth})
+
+
+def signed_get(admin: httpx.Client) -> httpx.Response:
+    """GET /lmi/adapters, signed."""
+    return admin.get(
+        "/lmi/adapters", headers={"Authorization": ADMIN_SIGNER.authorization("GET", "/lmi/adapters", b"")}
+    )
+
+
 def test_the_management_port_converges_declared_adapters_and_names_each_failure(
     async_server: RuntimeServer, tiny_model: TinyModel, tmp_path: Path
 ) -> None:
     rank16 = tmp_path / "rank16"
     build_adapter(tiny_model.path, rank16, seed=3, rank=16)
     a1, a2 = str(tiny_model.adapters["a1"]), str(tiny_model.adapters["a2"])
-    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     request = {"inputs": "the model", "parameters": GREEDY}
 
     def states(answer: httpx.Response) -> dict[str, tuple[str, str]]:
@@ -249,29 +264,35 @@ def test_the_management_port_converges_declared_adapters_and_names_each_failure(
         return {a["name"]: (a["state"], a["reason"]) for a in answer.json()["adapters"]}
 
     with httpx.Client(base_url=async_server.admin_url, timeout=120) as admin, async_server.client() as client:
-        # Only the bearer of the token; and the serving port has no such route.
+        # Only requests the operator's key signed, recently, for this very body; the serving port
+        # has no such route.
         assert admin.get("/lmi/adapters").status_code == 401
-        assert (
-            admin.put(
-                "/lmi/adapters", json={"adapters": {}}, headers={"Authorization": "Bearer x"}
-            ).status_code
-            == 401
+        other = Signer().authorization("GET", "/lmi/adapters", b"")
+        assert admin.get("/lmi/adapters", headers={"Authorization": other}).status_code == 401
+        stale = ADMIN_SIGNER.authorization("GET", "/lmi/adapters", b"", now=time.time() - 3600)
+        assert admin.get("/lmi/adapters", headers={"Authorization": stale}).status_code == 401
+        signed_for_empty = ADMIN_SIGNER.authorization("PUT", "/lmi/adapters", b'{"adapters": {}}')
+        tampered = admin.put(
+            "/lmi/adapters",
+            content=b'{"adapters": {"x": "/etc"}}',
+            headers={"Authorization": signed_for_empty},
         )
+        assert tampered.status_code == 401
         assert client.get("/lmi/adapters").status_code == 404
-        bad = admin.put("/lmi/adapters", json={"adapters": {"d1": 7}}, headers=auth)
+        bad = signed_put(admin, {"d1": 7})
         assert (
             bad.status_code == 400
             and "expected a JSON object of adapter name to source" in bad.json()["error"]
         )
 
         declared = {"d1": a1, "d2": a2, "missing": "/no/such/adapter", "wide": str(rank16)}
-        assert states(admin.put("/lmi/adapters", json={"adapters": declared}, headers=auth)) == {
+        assert states(signed_put(admin, declared)) == {
             "d1": ("Loaded", ""),
             "d2": ("Loaded", ""),
             "missing": ("Failed", "SourceMissing"),
             "wide": ("Failed", "RankTooLarge"),
         }
-        failed = {a["name"]: a for a in admin.get("/lmi/adapters", headers=auth).json()["adapters"]}
+        failed = {a["name"]: a for a in signed_get(admin).json()["adapters"]}
         assert "greater than max_lora_rank 8" in failed["wide"]["message"], failed
         base = lmi(client, request).json()["generated_text"]
         with_a1 = lmi(client, {**request, "adapters": "d1"}).json()["generated_text"]
@@ -281,7 +302,7 @@ def test_the_management_port_converges_declared_adapters_and_names_each_failure(
 
         # A changed source is reloaded; a removed adapter is unloaded; the failed ones are retried.
         changed = {"d1": a2, "missing": "/no/such/adapter"}
-        assert states(admin.put("/lmi/adapters", json={"adapters": changed}, headers=auth)) == {
+        assert states(signed_put(admin, changed)) == {
             "d1": ("Loaded", ""),
             "missing": ("Failed", "SourceMissing"),
         }
@@ -290,6 +311,6 @@ def test_the_management_port_converges_declared_adapters_and_names_each_failure(
         served = {m["id"] for m in client.get("/v1/models").json()["data"]}
         assert "d1" in served and "d2" not in served and "wide" not in served
 
-        assert states(admin.put("/lmi/adapters", json={"adapters": {}}, headers=auth)) == {}
+        assert states(signed_put(admin, {})) == {}
         # The model folder's own adapter is not the management port's to remove.
         assert [a["name"] for a in client.get("/adapters").json()["adapters"]] == ["a1"]
