@@ -33,17 +33,16 @@ from lmi_operator.testing.nodes import gpu_deployment, h100_node
 GPUS_PER_NODE = 8
 
 
-def lmimodel(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"id": "Qwen/Qwen2.5-0.5B-Instruct"},
-            "engine": {"tensorParallelDegree": 1},
-            "resources": {"gpus": 1},
-        },
+def lmimodel(name: str, adapters: int = 0) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"id": "Qwen/Qwen2.5-0.5B-Instruct"},
+        "engine": {"tensorParallelDegree": 1},
+        "resources": {"gpus": 1},
     }
+    if adapters:
+        listed = [{"name": f"a{i:02d}", "source": f"org/adapter-{i:02d}"} for i in range(adapters)]
+        spec["lora"] = {"enabled": True, "adapters": listed}
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec}
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -131,7 +130,9 @@ def model_ready(obj: dict[str, Any]) -> bool:
     )
 
 
-async def burst(creds: Credentials, namespace: str, n: int, ours: bool, timeout: float) -> dict[str, Any]:
+async def burst(
+    creds: Credentials, namespace: str, n: int, ours: bool, timeout: float, adapters: int = 0
+) -> dict[str, Any]:
     """Create N objects at once; when each Deployment exists, and when each is Ready."""
     client = KubeClient(creds)
     names = {f"m{i:04d}" for i in range(n)}
@@ -141,7 +142,7 @@ async def burst(creds: Credentials, namespace: str, n: int, ours: bool, timeout:
     exists = asyncio.create_task(watch_until(client, deployments, names, lambda _: True, timeout))
     ready = asyncio.create_task(watch_until(client, ready_path, names, ready_when, timeout))
     await asyncio.sleep(0.2)  # let both watches open before the first create
-    docs = [lmimodel(n) if ours else gpu_deployment(n, 1) for n in sorted(names)]
+    docs = [lmimodel(n, adapters) if ours else gpu_deployment(n, 1) for n in sorted(names)]
     start = time.monotonic()
     created = await create_all(client, namespace, docs)
     exists_at, ready_at = await exists, await ready
@@ -202,6 +203,13 @@ def main() -> int:
     parser.add_argument("--singles", type=int, default=20, help="single creates on an idle cluster")
     parser.add_argument("--idle", type=float, default=60.0, help="seconds of idle sampling after the burst")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up on a phase after this long")
+    parser.add_argument(
+        "--adapters",
+        type=int,
+        default=0,
+        help="LoRA adapters per LMIModel (the kwok pods' management ports never answer: each model's "
+        "adapters are reported Unreachable, which costs a look per replica and a status write)",
+    )
     args = parser.parse_args()
 
     # One GPU per object: the burst's and the single creates', plus a spare node.
@@ -249,7 +257,9 @@ def main() -> int:
         sampler._stop.clear()
         sampling = threading.Thread(target=sampler.run, daemon=True)
         sampling.start()
-        result = asyncio.run(burst(creds, "ours", args.n, ours=True, timeout=args.timeout))
+        result = asyncio.run(
+            burst(creds, "ours", args.n, ours=True, timeout=args.timeout, adapters=args.adapters)
+        )
         sampler._stop.set()
         sampling.join()
         burst_cpu = 100 * (sampler.cpu_seconds() - cpu0) / (time.monotonic() - c0)
@@ -273,7 +283,10 @@ def main() -> int:
             ("create-to-Deployment p50, single on idle cluster (ms)", None, single["p50_ms"]),
             ("create-to-Deployment p99, single on idle cluster (ms)", None, single["p99_ms"]),
         ]
-        print(f"\n## N = {args.n} (nodes: {len(nodes)}, load average before: {os.getloadavg()[0]:.2f})\n")
+        print(
+            f"\n## N = {args.n}, {args.adapters} adapters each "
+            f"(nodes: {len(nodes)}, load average before: {os.getloadavg()[0]:.2f})\n"
+        )
         print("| measurement | baseline | lmi-operator | ratio |\n|---|---|---|---|")
         for label, b, o in rows:
             ratio = f"{o / b:.2f}x" if b else "-"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lmi_operator.adapter_status import judge, needs_update
+from lmi_operator.adapter_status import UNANSWERED, judge, needs_update
 from lmi_operator.api import parse_lmimodel
 from lmi_operator.render import render
 from lmi_operator.render_adapters import ADAPTERS_KEY, ADMIN_KEY_KEY
@@ -101,7 +101,7 @@ def test_a_failed_adapter_is_named_with_its_replica_and_reason_and_an_unanswerin
 ):
     declared = {"a": "org/a", "bad": "/no/such"}
     failed = answer(a=("org/a", "Loaded", ""), bad=("/no/such", "Failed", "SourceMissing"))
-    report = judge(declared, ["p1", "p2"], {"p1": failed, "p2": None})
+    report = judge(declared, ["p1", "p2"], {"p1": failed, "p2": UNANSWERED})
     rows = {r["name"]: r for r in report.adapters}
     assert rows["a"] == {
         "name": "a",
@@ -112,8 +112,14 @@ def test_a_failed_adapter_is_named_with_its_replica_and_reason_and_an_unanswerin
     }
     assert rows["bad"]["reason"] == "SourceMissing" and rows["bad"]["message"] == "pod p1: bad: SourceMissing"
     assert report.failed and report.condition["status"] == "False"
-    assert report.condition["message"] == "bad: SourceMissing (pod p1: bad: SourceMissing)"
+    assert report.condition["message"] == (
+        "a: Unreachable (pod p2: the management port did not answer, or refused the operator's signature); "
+        "bad: SourceMissing (pod p1: bad: SourceMissing)"
+    )
     assert report.loaded == "0/2"
+    # Not asked yet: loading, no reason.
+    fresh = judge(declared, ["p1"], {"p1": None})
+    assert fresh.condition["reason"] == "Loading" and "reason" not in fresh.adapters[0]
     nobody = judge(declared, [], {})
     assert (nobody.condition["reason"], nobody.loaded) == ("NoReadyReplicas", "0/2")
     assert judge({}, ["p1"], {"p1": answer()}).converged

@@ -23,7 +23,7 @@ from lmi_operator.testing.node import NODE_IP, NODE_NAME, RealNode, node_selecto
 from lmi_operator.testing.operator import OperatorThread
 from lmi_operator.testing.product_images import cpu_model
 from lmi_operator.testing.s3_server import REGION, Credentials, S3Server, read_policy, s3_server
-from lmi_operator.testing.tiny_model import build_model
+from lmi_operator.testing.tiny_model import build_adapter, build_model
 from lmi_operator.testing.volumes import shared_claim
 from tests.conftest import ADAPTER_PATH, MODEL_PATH, fresh_namespace
 from tests.test_operator import apply, condition
@@ -63,14 +63,16 @@ def operator(real_cluster: LocalCluster) -> Iterator[OperatorThread]:
         running.stop()
 
 
+RESTRICTED = (
+    "pod-security.kubernetes.io/enforce=restricted",
+    "pod-security.kubernetes.io/enforce-version=latest",
+)
+
+
 @pytest.fixture
 def namespace(real_cluster: LocalCluster) -> Iterator[str]:
     """A namespace that enforces Pod Security "restricted", for the operator's pods as for others."""
-    restricted = (
-        "pod-security.kubernetes.io/enforce=restricted",
-        "pod-security.kubernetes.io/enforce-version=latest",
-    )
-    with fresh_namespace(real_cluster, "e2e", *restricted) as name:
+    with fresh_namespace(real_cluster, "e2e", *RESTRICTED) as name:
         yield name
 
 
@@ -345,6 +347,7 @@ class Bucket:
         self.reader = server.user("reader", read_policy("models"))
         self.nobody = server.user("nobody", None)
         self.log = Path()
+        self.model_dir = Path()  # the tiny model in the bucket, as a folder here
 
     def object_reads(self) -> int:
         """GET requests for objects of the bucket the server has answered so far (its access log)."""
@@ -371,6 +374,7 @@ def bucket(node: RealNode, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         server.upload("models", "tiny", root / "tiny")
         found = Bucket(server)
         found.log = root / "moto.log"
+        found.model_dir = root / "tiny"
         yield found
 
 
@@ -478,3 +482,215 @@ def test_an_s3_source_that_cannot_be_fetched_is_reported_as_download_failed(
     assert f"lmi-runtime: error: download failed: {says}" in ready["message"], ready
     obj = get(real_cluster, namespace, "lmimodel", case)
     assert obj["status"]["startup"]["phase"] in ("Pending", "Downloading"), obj["status"]
+
+
+# --- LoRA adapters that converge without restarts ------------------------------------------------
+
+# Run in a client pod of another namespace: what the model's ports answer a caller without the
+# operator's key (status codes, one per line).
+CALLER = """
+import json, sys, urllib.error, urllib.request
+def code(method, url, body=None):
+    headers = {"Content-Type": "application/json"}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        return urllib.request.urlopen(request, timeout=20).status
+    except urllib.error.HTTPError as error:
+        return error.code
+ip = sys.argv[1]
+body = json.dumps({"adapters": {"x": "/etc"}}).encode()
+print("admin-put", code("PUT", f"http://{ip}:8081/lmi/adapters", body))
+print("admin-get", code("GET", f"http://{ip}:8081/lmi/adapters"))
+print("lmi-post", code("POST", f"http://{ip}:8080/adapters?name=x&src=/etc"))
+print("lmi-get", code("GET", f"http://{ip}:8080/adapters"))
+"""
+
+
+def caller_pod(image: str, ip: str) -> dict[str, Any]:
+    """A pod that runs CALLER against `ip` once, under Pod Security "restricted"."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "caller"},
+        "spec": {
+            "restartPolicy": "Never",
+            "nodeSelector": node_selector(),
+            "tolerations": tolerations(),
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "c",
+                    "image": image,
+                    "command": ["python3", "-c", CALLER, ip],
+                    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                }
+            ],
+        },
+    }
+
+
+def adapter_rows(cluster: LocalCluster, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+    """status.adapters by name."""
+    rows = get(cluster, namespace, "lmimodel", name).get("status", {}).get("adapters", [])
+    return {row["name"]: row for row in rows}
+
+
+def wait_adapters_ready(cluster: LocalCluster, namespace: str, name: str) -> None:
+    """`kubectl wait --for=condition=AdaptersReady`, as a user would."""
+    with explained(cluster, namespace, name):
+        waited = cluster.kubectl(
+            "wait",
+            "-n",
+            namespace,
+            f"lmimodel/{name}",
+            "--for=condition=AdaptersReady",
+            "--timeout=180s",
+            check=False,
+        )
+        assert waited.returncode == 0, waited.stderr
+
+
+def test_adapters_are_added_changed_and_removed_on_running_replicas_without_a_restart(
+    real_cluster: LocalCluster,
+    operator: OperatorThread,
+    model_image: str,
+    namespace: str,
+    bucket: Bucket,
+    tmp_path: Path,
+) -> None:
+    # An adapter in S3 for the image's tiny model (the same architecture as the bucket's copy).
+    build_adapter(bucket.model_dir, tmp_path / "s1", seed=5)
+    bucket.server.upload("models", "adapters/s1", tmp_path / "s1")
+    apply(real_cluster, namespace, bucket.secret("s3-reader", bucket.reader))
+    lora: dict[str, Any] = {
+        "enabled": True,
+        "maxLoraRank": 8,
+        "adapters": [{"name": "a1", "source": ADAPTER_PATH}],
+    }
+    doc = cpu_model("adapted", model_image, MODEL_PATH, lora=lora)
+    doc["spec"]["model"]["s3"] = bucket.source("s3-reader")
+    apply(real_cluster, namespace, doc)
+    wait_ready(real_cluster, namespace, "adapted")
+    wait_adapters_ready(real_cluster, namespace, "adapted")
+    (pod,) = pods(real_cluster, namespace, "adapted")
+    generation = get(real_cluster, namespace, "deployment", "adapted")["metadata"]["generation"]
+    assert adapter_rows(real_cluster, namespace, "adapted") == {
+        "a1": {"name": "a1", "source": ADAPTER_PATH, "loaded": "1/1"}
+    }
+
+    def declare(*adapters: tuple[str, str]) -> None:
+        lora["adapters"] = [{"name": n, "source": s} for n, s in adapters]
+        apply(real_cluster, namespace, doc)
+
+    def rows_become(expected: dict[str, tuple[str, str, str | None]]) -> dict[str, dict[str, Any]]:
+        def seen() -> dict[str, dict[str, Any]] | None:
+            rows = adapter_rows(real_cluster, namespace, "adapted")
+            got = {n: (r["source"], r["loaded"], r.get("reason")) for n, r in rows.items()}
+            return rows if got == expected else None
+
+        with explained(real_cluster, namespace, "adapted"):
+            return eventually(seen, timeout=180, interval=1, what=f"status.adapters {expected}")
+
+    # Added: one from S3 (through spec.model.s3's credentials), one whose source does not exist.
+    declare(("a1", ADAPTER_PATH), ("s1", "s3://models/adapters/s1"), ("bad", "/no/such/adapter"))
+    rows = rows_become(
+        {
+            "a1": (ADAPTER_PATH, "1/1", None),
+            "s1": ("s3://models/adapters/s1", "1/1", None),
+            "bad": ("/no/such/adapter", "0/1", "SourceMissing"),
+        }
+    )
+    assert rows["bad"]["message"].startswith(f"pod {pod['metadata']['name']}: "), rows["bad"]
+    obj = get(real_cluster, namespace, "lmimodel", "adapted")
+    adapters_ready = condition(obj, "AdaptersReady")
+    assert (adapters_ready["status"], adapters_ready["reason"]) == ("False", "AdapterFailed"), adapters_ready
+    assert "bad: SourceMissing" in adapters_ready["message"]
+    assert condition(obj, "Ready")["status"] == "True", "a bad adapter does not take the model down"
+    assert obj["status"]["adaptersLoaded"] == "2/3"
+    with serving(real_cluster, namespace, "svc/adapted") as client:
+        base = generate(client, "the model")
+        from_a1 = generate(client, "the model", adapters="a1")
+        from_s3 = generate(client, "the model", adapters="s1")
+        assert len({base, from_a1, from_s3}) == 3
+
+    # Changed: s1 now from a path on the model cache volume (a copy of a1); bad removed.
+    copied = "/opt/ml/cache/adapters/copy-of-a1"
+    real_cluster.kubectl(
+        "exec",
+        "-n",
+        namespace,
+        pod["metadata"]["name"],
+        "-c",
+        "model-server",
+        "--",
+        "sh",
+        "-c",
+        f"mkdir -p {copied} && cp -r {ADAPTER_PATH}/. {copied}/",
+    )
+    declare(("a1", ADAPTER_PATH), ("s1", copied))
+    rows_become({"a1": (ADAPTER_PATH, "1/1", None), "s1": (copied, "1/1", None)})
+    wait_adapters_ready(real_cluster, namespace, "adapted")
+    with serving(real_cluster, namespace, "svc/adapted") as client:
+        assert generate(client, "the model", adapters="s1") == from_a1
+
+    # Removed: a1 is no longer served.
+    declare(("s1", copied))
+    rows_become({"s1": (copied, "1/1", None)})
+    with serving(real_cluster, namespace, "svc/adapted") as client:
+        gone = client.post(
+            "/invocations", json={"inputs": "the model", "parameters": GREEDY, "adapters": "a1"}
+        )
+        assert gone.status_code == 424 and "a1 not found" in gone.json()["error"], gone.text
+    assert get(real_cluster, namespace, "lmimodel", "adapted")["status"]["adaptersLoaded"] == "1/1"
+
+    # Not one restart: the same pod, no container restarts, the Deployment's template untouched.
+    (same,) = pods(real_cluster, namespace, "adapted")
+    assert same["metadata"]["uid"] == pod["metadata"]["uid"]
+    assert [c["restartCount"] for c in same["status"]["containerStatuses"]] == [0]
+    assert get(real_cluster, namespace, "deployment", "adapted")["metadata"]["generation"] == generation
+
+    # A caller in another namespace cannot change the adapters: the management port wants the
+    # operator's signature, and LMI's routes are off.
+    with fresh_namespace(real_cluster, "caller", *RESTRICTED) as other:
+        apply(real_cluster, other, caller_pod(model_image, same["status"]["podIP"]))
+        real_cluster.kubectl(
+            "wait", "-n", other, "pod/caller", "--for=jsonpath={.status.phase}=Succeeded", "--timeout=120s"
+        )
+        said = real_cluster.kubectl("logs", "-n", other, "caller").stdout.split()
+    assert dict(zip(said[::2], said[1::2], strict=True)) == {
+        "admin-put": "401",
+        "admin-get": "401",
+        "lmi-post": "404",
+        "lmi-get": "404",
+    }
+    assert set(adapter_rows(real_cluster, namespace, "adapted")) == {"s1"}
+
+    # A replaced pod loads the declared set before it is ready (the copy on its emptyDir cache is
+    # gone with the old pod, so s1 comes from S3 again).
+    declare(("s1", "s3://models/adapters/s1"), ("a1", ADAPTER_PATH))
+    wait_adapters_ready(real_cluster, namespace, "adapted")
+    real_cluster.kubectl("delete", "pod", "-n", namespace, same["metadata"]["name"], "--wait=false")
+    eventually(
+        lambda: (
+            condition(get(real_cluster, namespace, "lmimodel", "adapted"), "Ready").get("status") == "False"
+        ),
+        timeout=60,
+        what="Ready=False after the pod was deleted",
+    )
+    wait_ready(real_cluster, namespace, "adapted")
+    wait_adapters_ready(real_cluster, namespace, "adapted")
+    (replaced,) = [
+        p for p in pods(real_cluster, namespace, "adapted") if not p["metadata"].get("deletionTimestamp")
+    ]
+    assert replaced["metadata"]["uid"] != same["metadata"]["uid"]
+    log = real_cluster.kubectl(
+        "logs", "-n", namespace, replaced["metadata"]["name"], "-c", "model-server"
+    ).stdout
+    assert "registered adapter s1" in log and "registered adapter a1" in log
+    with serving(real_cluster, namespace, "svc/adapted") as client:
+        assert generate(client, "the model", adapters="s1") == from_s3
+    real_cluster.kubectl("delete", "lmimodel", "adapted", "-n", namespace, "--wait=false")

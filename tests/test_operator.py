@@ -760,3 +760,63 @@ def test_a_cache_claim_template_makes_an_owned_claim_that_goes_when_the_field_do
         return {"name": "cache", "emptyDir": {}} in dep["spec"]["template"]["spec"]["volumes"]
 
     eventually(back_to_empty_dir, what="the pods' cache an emptyDir again")
+
+
+def test_adapters_reach_the_configmap_and_status_but_not_the_pod_template_and_go_when_lora_does(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    lora: dict[str, Any] = {"enabled": True, "adapters": [{"name": "a1", "source": "org/a1"}]}
+    apply(cluster, namespace, model_doc("tuned", lora=lora))
+
+    def adapters_reported() -> dict[str, Any] | None:
+        obj = get(cluster, namespace, "lmimodel", "tuned")
+        return (
+            obj
+            if condition(obj, "AdaptersReady") and condition(obj, "Ready").get("status") == "True"
+            else None
+        )
+
+    obj = eventually(adapters_reported, what="Ready and AdaptersReady")
+    # kwok's pods run no server: their management ports never answer.
+    (row,) = obj["status"]["adapters"]
+    assert (row["name"], row["source"]) == ("a1", "org/a1")
+    assert condition(obj, "AdaptersReady")["status"] == "False"
+    assert obj["status"]["adaptersLoaded"] == "0/1"
+    deployment = eventually(lambda: get(cluster, namespace, "deployment", "tuned"), what="the Deployment")
+    config = eventually(
+        lambda: get(cluster, namespace, "configmap", "tuned-lmi-config"), what="the ConfigMap"
+    )
+    assert json.loads(config["data"]["adapters.json"]) == {"a1": "org/a1"}
+    assert config["data"]["admin.pub"].strip(), "the operator's public key"
+
+    # A new adapter reaches the ConfigMap and the status; the Deployment is not touched.
+    lora["adapters"].append({"name": "a2", "source": "s3://bucket/a2"})
+    apply(cluster, namespace, model_doc("tuned", lora=lora))
+
+    def listed() -> bool:
+        obj = get(cluster, namespace, "lmimodel", "tuned") or {}
+        return [r["name"] for r in obj.get("status", {}).get("adapters", [])] == ["a1", "a2"]
+
+    eventually(listed, what="both adapters in status.adapters")
+    config = get(cluster, namespace, "configmap", "tuned-lmi-config") or {}
+    assert json.loads(config["data"]["adapters.json"]) == {"a1": "org/a1", "a2": "s3://bucket/a2"}
+    after = get(cluster, namespace, "deployment", "tuned") or {}
+    assert after["metadata"]["generation"] == deployment["metadata"]["generation"]
+    assert after["spec"]["template"] == deployment["spec"]["template"]
+
+    # LoRA off: the adapters' status, condition and ConfigMap keys go (this one rolls the pods).
+    apply(cluster, namespace, model_doc("tuned"))
+
+    def gone() -> bool:
+        obj = get(cluster, namespace, "lmimodel", "tuned") or {}
+        status = obj.get("status", {})
+        config = get(cluster, namespace, "configmap", "tuned-lmi-config") or {}
+        return (
+            status.get("observedGeneration") == obj["metadata"]["generation"]
+            and "adapters" not in status
+            and "adaptersLoaded" not in status
+            and not condition(obj, "AdaptersReady")
+            and set(config.get("data", {})) == {"serving.properties"}
+        )
+
+    eventually(gone, what="no adapters in status or ConfigMap")

@@ -2,7 +2,8 @@
 
 An adapter counts as loaded on a replica when the replica reports it Loaded from the declared
 source; AdaptersReady holds when every declared adapter is loaded on every ready replica. A replica
-that did not answer counts as not loaded, with reason Unreachable."""
+not asked yet counts as loading; one that did not answer counts as not loaded, with reason
+Unreachable."""
 
 from __future__ import annotations
 
@@ -21,6 +22,10 @@ LOADED = "Loaded"  # the runtime's state of a loaded adapter (lmi_runtime.adapte
 MESSAGE_CHARS = 1024
 NO_ANSWER = "the management port did not answer, or refused the operator's signature"
 
+# A replica's answer: its GET /lmi/adapters document, or UNANSWERED.
+Answer = Mapping[str, Any]
+UNANSWERED: Answer = {}
+
 
 @dataclass(frozen=True)
 class AdapterReport:
@@ -37,15 +42,13 @@ class AdapterReport:
 
     @property
     def failed(self) -> bool:
-        """Whether a replica failed to load an adapter (retrying soon will not help)."""
+        """Whether a replica failed to load an adapter or did not answer (retrying soon will not help)."""
         return self.condition.get("reason") == ADAPTER_FAILED
 
 
-def needs_update(declared: Mapping[str, str], answer: Mapping[str, Any] | None) -> bool:
+def needs_update(declared: Mapping[str, str], answer: Answer) -> bool:
     """Whether a replica must be sent the declared set: it serves another set, or one of the
     declared adapters is not loaded from its source there (a failed one is retried)."""
-    if answer is None:
-        return True
     served = {a.get("name"): a for a in answer.get("adapters", []) if isinstance(a, Mapping)}
     return set(served) != set(declared) or any(
         served[name].get("source") != source or served[name].get("state") != LOADED
@@ -58,10 +61,10 @@ def _cut(text: str) -> str:
 
 
 def judge(
-    declared: Mapping[str, str], ready_pods: Sequence[str], answers: Mapping[str, Mapping[str, Any] | None]
+    declared: Mapping[str, str], ready_pods: Sequence[str], answers: Mapping[str, Answer | None]
 ) -> AdapterReport:
     """status.adapters and AdaptersReady for `declared` {name: source} over the ready replicas,
-    given each one's last answer (None: it did not answer)."""
+    given each one's last answer (None: not asked yet; UNANSWERED: it did not answer)."""
     total = len(ready_pods)
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
@@ -72,6 +75,8 @@ def judge(
         for pod in sorted(ready_pods):
             answer = answers.get(pod)
             if answer is None:
+                continue
+            if not answer:  # UNANSWERED
                 why = why or (UNREACHABLE, f"pod {pod}: {NO_ANSWER}")
                 continue
             state = next((a for a in answer.get("adapters", []) if a.get("name") == name), None)
@@ -82,8 +87,7 @@ def judge(
         row: dict[str, Any] = {"name": name, "source": source, "loaded": f"{loaded}/{total}"}
         if why is not None and loaded < total:
             row |= {"reason": why[0], "message": _cut(why[1])}
-            if why[0] != UNREACHABLE:
-                failures.append(f"{name}: {why[0]} ({why[1]})")
+            failures.append(f"{name}: {why[0]} ({why[1]})")
         everywhere += total > 0 and loaded == total
         rows.append(row)
     summary = f"{everywhere}/{len(declared)}"

@@ -1,12 +1,12 @@
 """Bringing each ready replica to the declared adapters through its management port.
 
-The operator asks every ready replica of a model with LoRA what it serves (GET /lmi/adapters on
+For every ready replica of a model with LoRA, the operator asks what it serves (GET /lmi/adapters on
 the pod's IP and admin port, signed with the operator's key: lmi_runtime.admin_auth) and sends the
-declared set (PUT) to those that differ, or that failed to load one (retried each time the status
-is reported). A PUT may take as long as a download, so it runs in the background, one per replica
-at a time, and asks for the model's status to be reported again when it ends; until then the GET's
-answer shows the progress. The answers feed status.adapters (adapter_status); a replica that does
-not answer, or refuses the signature, is Unreachable."""
+declared set (PUT) when it differs or an adapter failed there (so a failure is retried at each
+look). None of it waits in the status report: a report reads the last answers and starts a look at
+each replica in the background (one at a time per replica); a look that changes what is known asks
+for the model's status to be reported again (`notify`). The answers feed status.adapters
+(adapter_status); a replica that does not answer, or refuses the signature, is Unreachable."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from lmi_operator.adapter_status import needs_update
+from lmi_operator.adapter_status import UNANSWERED, Answer, needs_update
 from lmi_operator.cache import Key
 from lmi_runtime.admin_auth import Signer
 from lmi_runtime.options import ADMIN_ADAPTERS_PATH, ADMIN_PORT
@@ -27,50 +27,47 @@ LOAD_TIMEOUT_SECONDS = 900.0
 
 
 class AdapterSync:
-    """Reads and converges the replicas' adapters; `updates` counts the PUTs sent (for the bench)."""
+    """Each replica's last answer, and the looks in flight; `updates` counts the PUTs sent."""
 
     def __init__(self, signer: Signer) -> None:
         self.signer = signer
         self.updates = 0
-        self.notify: Callable[[Key], None] | None = None  # called with the model's key when a PUT ends
-        self._inflight: dict[tuple[Key, str], tuple[dict[str, str], asyncio.Task[None]]] = {}
+        self.notify: Callable[[Key], None] | None = None  # asks for the model's status again
+        self._answers: dict[tuple[Key, str], Answer] = {}
+        self._looks: dict[tuple[Key, str], asyncio.Task[None]] = {}
 
-    async def sync(
+    def answers(
         self, key: Key, declared: Mapping[str, str], pods: Sequence[Mapping[str, Any]]
-    ) -> dict[str, Mapping[str, Any] | None]:
-        """Each pod's current answer (None where it did not answer), by pod name; replicas that
-        differ from `declared` are sent it in the background."""
-        address = {str(p["metadata"]["name"]): str(p["status"]["podIP"]) for p in pods}
-        async with aiohttp.ClientSession() as session:
-            answers = await asyncio.gather(
-                *(self._call(session, "GET", ip, READ_TIMEOUT_SECONDS) for ip in address.values())
-            )
-        result = dict(zip(address, answers, strict=True))
-        for gone in [k for k in self._inflight if k[0] == key and k[1] not in result]:
-            self._inflight.pop(gone)[1].cancel()
-        for pod, answer in result.items():
-            if answer is not None and needs_update(declared, answer):
-                self._send(key, pod, address[pod], dict(declared))
-        return result
+    ) -> dict[str, Answer | None]:
+        """The last answer of each pod (None: no look has finished yet), by pod name; a look at
+        each pod is started unless one is in flight."""
+        names = {str(p["metadata"]["name"]) for p in pods}
+        for gone in [k for k in {*self._answers, *self._looks} if k[0] == key and k[1] not in names]:
+            self._answers.pop(gone, None)
+            if (look := self._looks.pop(gone, None)) is not None:
+                look.cancel()
+        for pod in pods:
+            name = str(pod["metadata"]["name"])
+            look = self._looks.get((key, name))
+            if look is None or look.done():
+                ip = str(pod["status"]["podIP"])
+                self._looks[key, name] = asyncio.create_task(self._look(key, name, ip, dict(declared)))
+        return {name: self._answers.get((key, name)) for name in sorted(names)}
 
-    def _send(self, key: Key, pod: str, ip: str, declared: dict[str, str]) -> None:
-        running = self._inflight.get((key, pod))
-        if running is not None and not running[1].done() and running[0] == declared:
-            return
-        if running is not None:
-            running[1].cancel()
-        self.updates += 1
-        self._inflight[key, pod] = (declared, asyncio.create_task(self._put(key, ip, declared)))
-
-    async def _put(self, key: Key, ip: str, declared: dict[str, str]) -> None:
+    async def _look(self, key: Key, pod: str, ip: str, declared: dict[str, str]) -> None:
         async with aiohttp.ClientSession() as session:
-            await self._call(session, "PUT", ip, LOAD_TIMEOUT_SECONDS, {"adapters": declared})
-        if self.notify is not None:
+            answer = await self._call(session, "GET", ip, READ_TIMEOUT_SECONDS)
+            if answer and needs_update(declared, answer):
+                self.updates += 1
+                answer = await self._call(session, "PUT", ip, LOAD_TIMEOUT_SECONDS, {"adapters": declared})
+        changed = self._answers.get((key, pod)) != answer
+        self._answers[key, pod] = answer
+        if changed and self.notify is not None:
             self.notify(key)
 
     async def _call(
         self, session: aiohttp.ClientSession, method: str, ip: str, timeout: float, body: object = None
-    ) -> Mapping[str, Any] | None:
+    ) -> Answer:
         data = b"" if body is None else json.dumps(body).encode()
         headers = {
             "Authorization": self.signer.authorization(method, ADMIN_ADAPTERS_PATH, data),
@@ -82,13 +79,16 @@ class AdapterSync:
                 method, url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as response:
                 if response.status != 200:
-                    return None
+                    return UNANSWERED
                 answer = await response.json()
         except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-        return answer if isinstance(answer, dict) and isinstance(answer.get("adapters"), list) else None
+            return UNANSWERED
+        valid = isinstance(answer, dict) and isinstance(answer.get("adapters"), list)
+        return answer if valid else UNANSWERED
 
     def forget(self, key: Key) -> None:
-        """The model is gone: stop what is in flight for it."""
-        for inflight in [k for k in self._inflight if k[0] == key]:
-            self._inflight.pop(inflight)[1].cancel()
+        """The model is gone: stop its looks and drop its answers."""
+        for look in [k for k in self._looks if k[0] == key]:
+            self._looks.pop(look).cancel()
+        for answer in [k for k in self._answers if k[0] == key]:
+            del self._answers[answer]

@@ -114,7 +114,7 @@ class StatusReporter:
         runtime = await self.startups.read(key, observed.pods)
         observed = dataclasses.replace(observed, startup=startup_status(observed.pods, runtime))
         if lora_on(obj.spec):
-            observed = dataclasses.replace(observed, adapters=await self._adapters(key, obj, observed))
+            observed = dataclasses.replace(observed, adapters=self._adapters(key, obj, observed))
         problem = problem_of(observed)
         if problem is not None and problem.reason == INSUFFICIENT_GPU:
             free = await self.gpus.free_by_node(observed.gpu_resource)
@@ -129,11 +129,11 @@ class StatusReporter:
         ready = next(c for c in status["conditions"] if c["type"] == READY)
         return RECHECK_SECONDS if ready["status"] != "True" and st.pods else None
 
-    async def _adapters(self, key: Key, obj: LMIModel, observed: Observed) -> AdapterReport:
-        """Converge the ready replicas to the declared adapters and judge what they answered."""
+    def _adapters(self, key: Key, obj: LMIModel, observed: Observed) -> AdapterReport:
+        """Judge what the ready replicas last answered about the declared adapters (and look again)."""
         wanted = declared(obj.spec)
         ready = [pod for pod in observed.pods if server_ready(pod)]
-        answers = await self.adapters.sync(key, wanted, ready) if ready else {}
+        answers = self.adapters.answers(key, wanted, ready)
         return judge(wanted, [str(p["metadata"]["name"]) for p in ready], answers)
 
     def forget(self, key: Key) -> None:
