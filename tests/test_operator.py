@@ -101,7 +101,8 @@ def test_children_are_exactly_the_rendered_objects(
     model = next(d for d in docs if d["kind"] == "LMIModel")
     name = model["metadata"]["name"]
     live_model = wait_ready(cluster, namespace, name)
-    rendered = render(parse_lmimodel(live_model), operator.settings)
+    assert operator.reconciler is not None
+    rendered = render(parse_lmimodel(live_model), operator.settings, operator.reconciler.children.admin_key)
     selector = f"serving.lmi.dev/model={name}"
     for desired in rendered.objects:
         live = get(cluster, namespace, desired["kind"].lower(), desired["metadata"]["name"])
