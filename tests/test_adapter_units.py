@@ -142,7 +142,9 @@ def test_a_replica_is_sent_the_set_when_it_differs_or_failed_one() -> None:
         ({"path": "/lmi/other"}, False),
         ({"body": b'{"adapters": {"x": "/etc"}}'}, False),
         ({"keys": [Signer().public_key]}, False),
-        ({"now": time.time() + 400}, False),
+        ({"skew": 400}, False),
+        ({"skew": -400}, False),
+        ({"skew": 200}, True),
         ({"header": "Bearer anything"}, False),
         ({"header": "LMI-Ed25519 12.not-base64!"}, False),
         ({"keys": ["garbage", "SIGNER"]}, True),
@@ -156,6 +158,7 @@ def test_the_management_port_accepts_only_fresh_signatures_of_the_same_request(
     request: dict[str, Any] = {"method": "PUT", "path": "/lmi/adapters", "body": body, "now": time.time()}
     header = change.pop("header", signer.authorization("PUT", "/lmi/adapters", body))
     keys = [signer.public_key if k == "SIGNER" else k for k in change.pop("keys", [signer.public_key])]
+    request["now"] += change.pop("skew", 0)
     request |= change
     assert (
         verify(header, request["method"], request["path"], request["body"], keys, now=request["now"])

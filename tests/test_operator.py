@@ -505,7 +505,7 @@ ADAPTERS = [{"name": "sql", "source": "org/sql"}, {"name": "chat", "source": "or
         (
             {"lora": {"enabled": True, "adapters": ADAPTERS}},
             {"lora": {"enabled": True, "adapters": ADAPTERS[:1]}},
-            "deployment",
+            "configmap",
             "org/chat",
         ),
         (
