@@ -98,7 +98,8 @@ def main() -> None:
         doc = cpu_model(
             NAME, image, MODEL_PATH, replicas=2, lora={"enabled": True, "maxLoraRank": 8, "adapters": []}
         )
-        doc["spec"]["resources"]["memory"] = "5Gi"
+        # Half a core each: the rollout's surge replica must fit beside the two on the 2-core node.
+        doc["spec"]["resources"] |= {"cpu": "500m", "memory": "5Gi"}
         apply(cluster, doc)
         log("waiting for 2 ready replicas")
         wait_for("Ready", lambda: condition(model(cluster), "Ready").get("status") == "True", interval=2)
