@@ -4,14 +4,17 @@ For every ready replica of a model with LoRA, the operator asks what it serves (
 the pod's IP and admin port, signed with the operator's key: lmi_runtime.admin_auth) and sends the
 declared set (PUT) when it differs or an adapter failed there (so a failure is retried at each
 look). None of it waits in the status report: a report reads the last answers and starts a look at
-each replica in the background (one at a time per replica); a look that changes what is known asks
-for the model's status to be reported again (`notify`). The answers feed status.adapters
-(adapter_status); a replica that does not answer, or refuses the signature, is Unreachable."""
+each replica in the background (one at a time per replica, and no more often than every
+LOOK_INTERVAL_SECONDS unless the declared set changed: a burst of pod events makes one look); a look
+that changes what is known asks for the model's status to be reported again (`notify`). The answers
+feed status.adapters (adapter_status); a replica that does not answer, or refuses the signature, is
+Unreachable."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +27,7 @@ from lmi_runtime.options import ADMIN_ADAPTERS_PATH, ADMIN_PORT
 
 READ_TIMEOUT_SECONDS = 2.0
 LOAD_TIMEOUT_SECONDS = 900.0
+LOOK_INTERVAL_SECONDS = 5.0
 
 
 class AdapterSync:
@@ -35,23 +39,32 @@ class AdapterSync:
         self.notify: Callable[[Key], None] | None = None  # asks for the model's status again
         self._answers: dict[tuple[Key, str], Answer] = {}
         self._looks: dict[tuple[Key, str], asyncio.Task[None]] = {}
+        # The declared set each replica was last looked at for, and when that look began.
+        self._looked: dict[tuple[Key, str], tuple[dict[str, str], float]] = {}
 
     def answers(
         self, key: Key, declared: Mapping[str, str], pods: Sequence[Mapping[str, Any]]
     ) -> dict[str, Answer | None]:
         """The last answer of each pod (None: no look has finished yet), by pod name; a look at
-        each pod is started unless one is in flight."""
+        each pod is started unless one is in flight or one began for the same set lately."""
         names = {str(p["metadata"]["name"]) for p in pods}
         for gone in [k for k in {*self._answers, *self._looks} if k[0] == key and k[1] not in names]:
             self._answers.pop(gone, None)
+            self._looked.pop(gone, None)
             if (look := self._looks.pop(gone, None)) is not None:
                 look.cancel()
+        now = time.monotonic()
         for pod in pods:
             name = str(pod["metadata"]["name"])
             look = self._looks.get((key, name))
-            if look is None or look.done():
-                ip = str(pod["status"]["podIP"])
-                self._looks[key, name] = asyncio.create_task(self._look(key, name, ip, dict(declared)))
+            if look is not None and not look.done():
+                continue
+            wanted, since = self._looked.get((key, name), ({}, now - LOOK_INTERVAL_SECONDS))
+            if wanted == declared and now - since < LOOK_INTERVAL_SECONDS:
+                continue
+            self._looked[key, name] = (dict(declared), now)
+            ip = str(pod["status"]["podIP"])
+            self._looks[key, name] = asyncio.create_task(self._look(key, name, ip, dict(declared)))
         return {name: self._answers.get((key, name)) for name in sorted(names)}
 
     async def _look(self, key: Key, pod: str, ip: str, declared: dict[str, str]) -> None:
@@ -92,3 +105,5 @@ class AdapterSync:
             self._looks.pop(look).cancel()
         for answer in [k for k in self._answers if k[0] == key]:
             del self._answers[answer]
+        for looked in [k for k in self._looked if k[0] == key]:
+            del self._looked[looked]
