@@ -69,15 +69,14 @@ def judge(
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
     everywhere = 0
+    # A replica that did not answer is named once, in the condition, not in every adapter's row.
+    silent = [pod for pod in sorted(ready_pods) if answers.get(pod) is not None and not answers[pod]]
     for name, source in sorted(declared.items()):
         loaded = 0
         why: tuple[str, str] | None = None
         for pod in sorted(ready_pods):
             answer = answers.get(pod)
-            if answer is None:
-                continue
-            if not answer:  # UNANSWERED
-                why = why or (UNREACHABLE, f"pod {pod}: {NO_ANSWER}")
+            if not answer:  # not asked yet, or UNANSWERED
                 continue
             state = next((a for a in answer.get("adapters", []) if a.get("name") == name), None)
             if state is not None and state.get("source") == source and state.get("state") == LOADED:
@@ -85,11 +84,14 @@ def judge(
             elif state is not None and state.get("source") == source and state.get("reason"):
                 why = (str(state["reason"]), f"pod {pod}: {state.get('message', '')}")
         row: dict[str, Any] = {"name": name, "source": source, "loaded": f"{loaded}/{total}"}
-        if why is not None and loaded < total:
+        if why is not None:
             row |= {"reason": why[0], "message": _cut(why[1])}
             failures.append(f"{name}: {why[0]} ({why[1]})")
+        elif silent and loaded < total:
+            row["reason"] = UNREACHABLE
         everywhere += total > 0 and loaded == total
         rows.append(row)
+    failures += [f"pod {pod}: {NO_ANSWER}" for pod in silent]
     summary = f"{everywhere}/{len(declared)}"
     if total == 0:
         condition = _condition(False, NO_READY_REPLICAS, "no ready replica to load adapters on")

@@ -1141,7 +1141,11 @@ class AdapterStatus(_Object):
         "DownloadDenied, DownloadStalled, NameConflict, LoadFailed, or Unreachable (its management port "
         "did not answer).",
     )
-    message: str | None = Field(None, max_length=4096, description="The replica and the runtime's own words.")
+    message: str | None = Field(
+        None,
+        max_length=4096,
+        description="The replica and the runtime's own words (Unreachable: in the AdaptersReady condition).",
+    )
 
 
 class LMIModelStatus(_Object):
@@ -1176,7 +1180,8 @@ class LMIModelStatus(_Object):
     adapters: list[AdapterStatus] = Field(
         default_factory=list,
         max_length=32,
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        # Written whole by the operator's status apply: atomic spares the API server a merge by key.
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
         description="Each adapter of spec.lora.adapters: how many ready replicas serve it, or why not.",
     )
     adapters_loaded: str | None = Field(
