@@ -142,29 +142,12 @@ def test_the_real_node_runs_pods_with_logs_exec_and_a_reachable_ip(
 ) -> None:
     nodes = json.loads(real_cluster.kubectl("get", "node", NODE_NAME, "-o", "json").stdout)
     assert {t["key"] for t in nodes["spec"].get("taints", [])} == {"lmi.dev/real-node"}
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "probe"},
-        "spec": {
-            "nodeSelector": node_selector(),
-            "tolerations": tolerations(),
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": 1000,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
-            "containers": [
-                {
-                    "name": "c",
-                    "image": model_image,
-                    "command": ["python3", "-m", "http.server", "8080", "--directory", "/opt/models"],
-                    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-                    "readinessProbe": {"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1},
-                }
-            ],
-        },
-    }
+    pod = restricted_pod(
+        "probe",
+        model_image,
+        ["python3", "-m", "http.server", "8080", "--directory", "/opt/models"],
+        readinessProbe={"httpGet": {"path": "/", "port": 8080}, "periodSeconds": 1},
+    )
     apply(real_cluster, namespace, pod)
     real_cluster.kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/probe", "--timeout=120s")
     ip = get(real_cluster, namespace, "pod", "probe")["status"]["podIP"]
@@ -506,14 +489,13 @@ print("lmi-get", code("GET", f"http://{ip}:8080/adapters"))
 """
 
 
-def caller_pod(image: str, ip: str) -> dict[str, Any]:
-    """A pod that runs CALLER against `ip` once, under Pod Security "restricted"."""
+def restricted_pod(name: str, image: str, command: list[str], **container: Any) -> dict[str, Any]:
+    """A pod on the real node that Pod Security "restricted" admits, running `command` in `image`."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": "caller"},
+        "metadata": {"name": name},
         "spec": {
-            "restartPolicy": "Never",
             "nodeSelector": node_selector(),
             "tolerations": tolerations(),
             "securityContext": {
@@ -525,12 +507,20 @@ def caller_pod(image: str, ip: str) -> dict[str, Any]:
                 {
                     "name": "c",
                     "image": image,
-                    "command": ["python3", "-c", CALLER, ip],
+                    "command": command,
                     "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                    **container,
                 }
             ],
         },
     }
+
+
+def caller_pod(image: str, ip: str) -> dict[str, Any]:
+    """A pod that runs CALLER against `ip` once."""
+    pod = restricted_pod("caller", image, ["python3", "-c", CALLER, ip])
+    pod["spec"]["restartPolicy"] = "Never"
+    return pod
 
 
 def adapter_rows(cluster: LocalCluster, namespace: str, name: str) -> dict[str, dict[str, Any]]:
