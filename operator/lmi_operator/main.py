@@ -51,7 +51,9 @@ async def run_operator(
     try:
         if settings.leader_election:
             elector = LeaderElector(
-                client,
+                # Its own connections: a burst of reconciles fills the workers' pool, and a renewal
+                # queued behind it missed the renew deadline (tests/test_leader_election.py).
+                KubeClient(creds),
                 LeaseConfig(
                     namespace=settings.lease_namespace or creds.namespace,
                     name=settings.lease_name,
@@ -118,9 +120,11 @@ async def run_operator(
         metrics.LEADER.set(0)
         if stop_health is not None:
             await stop_health()
-        if elector is not None and not lost.is_set():
-            with contextlib.suppress(Exception):
-                await elector.release()
+        if elector is not None:
+            if not lost.is_set():
+                with contextlib.suppress(Exception):
+                    await elector.release()
+            await elector.client.close()
         await client.close()
 
 
