@@ -116,7 +116,7 @@ def test_a_failed_adapter_is_named_with_its_replica_and_reason_and_an_unanswerin
     fresh = judge(declared, ["p1"], {"p1": None})
     assert fresh.condition["reason"] == "Loading" and "reason" not in fresh.adapters[0]
     nobody = judge(declared, [], {})
-    assert (nobody.condition["reason"], nobody.loaded) == ("NoReadyReplicas", "0/2")
+    assert (nobody.condition["reason"], nobody.loaded, nobody.adapters) == ("NoReadyReplicas", "0/2", [])
     assert judge({}, ["p1"], {"p1": answer()}).converged
 
 

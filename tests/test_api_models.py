@@ -143,8 +143,7 @@ INVALID: list[Invalid] = [
         "adapter-names-repeat",
         {"lora": {"enabled": True, "adapters": [ADAPTER, {**ADAPTER, "source": "/a"}]}},
         "spec.lora.adapters",
-        "Duplicate value",
-        "names must be unique",
+        "lora.adapters names must be unique",
     ),
     Invalid(
         "adapter-source-not-a-source",

@@ -66,6 +66,11 @@ def judge(
     """status.adapters and AdaptersReady for `declared` {name: source} over the ready replicas,
     given each one's last answer (None: not asked yet; UNANSWERED: it did not answer)."""
     total = len(ready_pods)
+    if total == 0:
+        # Nothing is served yet, so no rows: each row costs the API server on every status write
+        # while the pods start (bench/operator_scale.py); adaptersLoaded still counts the declared.
+        no_replica = _condition(False, NO_READY_REPLICAS, "no ready replica to load adapters on")
+        return AdapterReport([], f"0/{len(declared)}", no_replica)
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
     everywhere = 0
@@ -89,13 +94,11 @@ def judge(
             failures.append(f"{name}: {why[0]} ({why[1]})")
         elif silent and loaded < total:
             row["reason"] = UNREACHABLE
-        everywhere += total > 0 and loaded == total
+        everywhere += loaded == total
         rows.append(row)
     failures += [f"pod {pod}: {NO_ANSWER}" for pod in silent]
     summary = f"{everywhere}/{len(declared)}"
-    if total == 0:
-        condition = _condition(False, NO_READY_REPLICAS, "no ready replica to load adapters on")
-    elif everywhere == len(declared):
+    if everywhere == len(declared):
         condition = _condition(True, ALL_LOADED, f"{len(declared)} adapters loaded on {total} ready replicas")
     elif failures:
         condition = _condition(False, ADAPTER_FAILED, _cut("; ".join(failures)))

@@ -526,11 +526,12 @@ class LoRA(_Object):
             field_path=".maxCpuLoras",
         ),
         Rule(
-            cel=None,  # x-kubernetes-list-type=map with key name
+            # An atomic list (not a list-map keyed by name): see `adapters`.
+            cel="!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))",
             message="lora.adapters names must be unique",
             check=lambda lo: _unique(lo.adapters, "name"),
+            # Not FieldValueDuplicate: the API server prints that reason without the message.
             field_path=".adapters",
-            reason="FieldValueDuplicate",
         ),
     )
 
@@ -555,7 +556,10 @@ class LoRA(_Object):
     adapters: list[Adapter] = Field(
         default_factory=list,
         max_length=32,
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        # Atomic: the list as applied is the list (a GitOps sync that drops an adapter removes it, even
+        # one another field manager added), and every write of the model, status included, costs the
+        # API server 3.7 ms less than with a list-map at 20 adapters (docs/benchmarks.md).
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
         description="Adapters every replica serves. Adding, changing or removing one does not restart "
         "anything: the operator brings each ready replica to the list through the runtime's management "
         "port, and a replica that starts loads the list before it reports ready. status.adapters shows "
