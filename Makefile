@@ -8,7 +8,7 @@ TOOLS_BIN = $$(bash tools/build-tools.sh | tail -n 1)
 
 .PHONY: help tools tools-path setup setup-oldest node-deps images lint typecheck unit test demo \
         cluster-up cluster-down crds docs generate engine-args lock bench-operator bench-runtime \
-        bench-cold-start bench-adapters
+        bench-cold-start bench-adapters bench-status-writes
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ chart: setup ## regenerate the chart's CRD copy and README values table, deploy/
 
 bench-cold-start: setup tools images ## a replica's start on the real node: cold cache, warm cache, second replica (S3 model, shared claim)
 	LMI_TOOLS_BIN=$(TOOLS_BIN) $(PY) bench/cold_start.py
+
+bench-status-writes: setup tools ## kube-apiserver CPU per LMIModel status write: without LoRA, 20 adapters, 20 status rows
+	LMI_TOOLS_BIN=$(TOOLS_BIN) $(PY) bench/status_write_cost.py
 
 bench-adapters: setup tools images ## adding 10 LoRA adapters to 2 running replicas on the real node, against a rollout
 	LMI_TOOLS_BIN=$(TOOLS_BIN) $(PY) bench/adapters.py

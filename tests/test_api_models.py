@@ -143,7 +143,8 @@ INVALID: list[Invalid] = [
         "adapter-names-repeat",
         {"lora": {"enabled": True, "adapters": [ADAPTER, {**ADAPTER, "source": "/a"}]}},
         "spec.lora.adapters",
-        "lora.adapters names must be unique",
+        "Duplicate value",
+        "names must be unique",
     ),
     Invalid(
         "adapter-source-not-a-source",
