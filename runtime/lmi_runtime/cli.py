@@ -1,7 +1,9 @@
 """lmi-runtime: `args` prints the resolved engine arguments, `fetch` downloads the model into the
 cache (the pods' init container), or with --adapter one adapter (printing the path to load it from;
 the server runs it when it loads an adapter), `serve` serves, `engine-args-table` prints the
-installed vLLM's argument table. Logs go to stderr; configuration and download errors are one line."""
+installed vLLM's argument table, `inspect` prints a model folder's facts (sizes read from config.json
+and the safetensors headers, for the capacity estimate). Logs go to stderr; configuration and
+download errors are one line."""
 
 from __future__ import annotations
 
@@ -46,6 +48,10 @@ def argument_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", default=PORT, type=int)
     serve_cmd.add_argument("--host", default="0.0.0.0")
     commands.add_parser("engine-args-table", help="print the installed vLLM's engine argument table")
+    inspect_cmd = commands.add_parser(
+        "inspect", help="print a model folder's sizes, without reading its weights"
+    )
+    inspect_cmd.add_argument("path", type=Path, help="a folder with config.json and *.safetensors")
     return parser
 
 
@@ -62,6 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lmi_runtime.server import serve
 
             return serve(options.model_dir, options.host, options.port)
+        if options.command == "inspect":
+            from lmi_runtime.model_facts import facts_of_directory
+
+            _print_json(facts_of_directory(options.path).to_status())
+            return 0
         if options.command == "fetch":
             # No vLLM import: the init container only reads the settings and downloads.
             from lmi_runtime.model_store import fetch_adapter, fetch_all
