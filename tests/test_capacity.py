@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from lmi_operator.capacity import Engine, GiB, estimate, explain, what_fits
+from lmi_operator.capacity import Engine, GiB, estimate, explain, gpu_memory_of, what_fits
+from lmi_operator.testing.nodes import DEFAULT_NODES
 from lmi_runtime.cli import main as runtime_main
 from lmi_runtime.model_facts import ModelFactsError, facts_from, facts_of_directory, read_header
 
@@ -134,3 +135,13 @@ def test_bad_model_folders_are_refused_naming_the_file_or_key(tmp_path: Path) ->
     bad = {"model.safetensors": {"w": {"dtype": "Q4", "shape": [2]}}}
     with pytest.raises(ModelFactsError, match="tensor w has dtype 'Q4'"):
         facts_from(EXAMPLES["google/gemma-2b"]["config"], bad)
+
+
+def test_gpu_memory_comes_from_the_node_labels_then_the_product_table() -> None:
+    # What the kwok GPU nodes carry: GPU feature discovery's labels.
+    by_product = {n.product: n.manifest()["metadata"]["labels"] for n in DEFAULT_NODES if n.gpus}
+    assert gpu_memory_of(by_product["NVIDIA-H100-80GB-HBM3"]) == 81559 * 2**20
+    assert gpu_memory_of(by_product["NVIDIA-A10G"]) == 23028 * 2**20
+    # Only the product label: the table.
+    assert gpu_memory_of({"nvidia.com/gpu.product": "NVIDIA-L4"}) == 23034 * 2**20
+    assert gpu_memory_of({"nvidia.com/gpu.product": "NVIDIA-Unknown", "nvidia.com/gpu.memory": "n/a"}) is None

@@ -163,3 +163,30 @@ def explain(est: Estimate, gpu: str, options: list[str]) -> str:
     fix = f": {' or '.join(options)} would fit" if options else ""
     usable = f"{gpu} has {est.usable / GiB:.1f} GiB usable"
     return f"needs {est.needed / GiB:.1f} GiB per GPU ({parts}), {usable}{fix}"
+
+
+# GPU memory (MiB) by the product name GPU feature discovery labels a node with, for nodes that carry
+# nvidia.com/gpu.product but not nvidia.com/gpu.memory (the figures nvidia-smi reports as total).
+GPU_MEMORY_MIB = {
+    "NVIDIA-A10G": 23028,
+    "NVIDIA-A100-SXM4-40GB": 40960,
+    "NVIDIA-A100-SXM4-80GB": 81920,
+    "NVIDIA-H100-80GB-HBM3": 81559,
+    "NVIDIA-H200": 143771,
+    "NVIDIA-L4": 23034,
+    "NVIDIA-L40S": 46068,
+    "Tesla-T4": 15360,
+    "Tesla-V100-SXM2-16GB": 16384,
+}
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+
+
+def gpu_memory_of(labels: dict[str, str]) -> int | None:
+    """Bytes of one GPU of a node with these labels: nvidia.com/gpu.memory (MiB), else the table by
+    nvidia.com/gpu.product; None when neither says."""
+    mib = labels.get(GPU_MEMORY_LABEL, "")
+    if mib.isdigit() and int(mib) > 0:
+        return int(mib) * 2**20
+    known = GPU_MEMORY_MIB.get(labels.get(GPU_PRODUCT_LABEL, ""))
+    return known * 2**20 if known else None
