@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from lmi_operator.kube import STATUS_FIELD_MANAGER, KubeClient, load_credentials
 from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster, tools_bin_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from operator_scale import lmimodel  # the same model shapes as the scale bench
+from operator_scale import Sampler, lmimodel  # the scale bench's model shapes and /proc reader
 
 ADAPTERS = 20
 ROWS = [
@@ -36,11 +35,6 @@ CASES: list[tuple[str, str, list[dict[str, Any]] | None]] = [
     (f"{ADAPTERS} adapters in spec, no rows", "lora", None),
     (f"{ADAPTERS} adapters in spec, {ADAPTERS} rows", "lora", ROWS),
 ]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def write(client: KubeClient, name: str, count: int, rows: list[dict[str, Any]] | None) -> None:
@@ -60,13 +54,13 @@ async def measure(cluster: LocalCluster, writes: int) -> None:
         for name, adapters in (("plain", 0), ("lora", ADAPTERS)):
             doc = lmimodel(name, adapters)
             await client.request("POST", object_path(API_VERSION, KIND, "default"), body=doc)
-        pid = cluster.pid("kube-apiserver")
+        apiserver = Sampler(cluster.pid("kube-apiserver"))
         figures: dict[str, list[float]] = {label: [] for label, _, _ in CASES}
         for _ in range(2):
             for label, name, rows in CASES:
-                cpu0, t0 = cpu_seconds(pid), time.monotonic()
+                cpu0, t0 = apiserver.cpu_seconds(), time.monotonic()
                 await write(client, name, writes, rows)
-                figures[label].append(1000 * (cpu_seconds(pid) - cpu0) / writes)
+                figures[label].append(1000 * (apiserver.cpu_seconds() - cpu0) / writes)
                 print(f"[bench] {label}: {time.monotonic() - t0:.1f}s", flush=True)
         base = sum(figures[CASES[0][0]]) / 2
         print("\n| status write of | kube-apiserver CPU per write (ms), two runs | ratio |\n|---|---|---|")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import datetime
 import json
@@ -41,7 +40,7 @@ def test_the_lease_is_renewed_while_every_connection_of_the_workers_is_busy(
     running = OperatorThread(cluster.kubeconfig, settings).start()
     held: list[concurrent.futures.Future[None]] = []
     try:
-        assert running.reconciler is not None and running._loop is not None
+        assert running.reconciler is not None
         client = running.reconciler.client
         path = object_path("v1", "ConfigMap", namespace)
 
@@ -49,7 +48,7 @@ def test_the_lease_is_renewed_while_every_connection_of_the_workers_is_busy(
             async for _ in client.watch(path, timeoutSeconds="30"):
                 pass
 
-        held += [asyncio.run_coroutine_threadsafe(hold(), running._loop) for _ in range(64)]
+        held += [running.submit(hold()) for _ in range(64)]
         time.sleep(1.0)
         before = renewed_at(cluster, namespace, "busy")
         time.sleep(2 * DURATION)

@@ -13,7 +13,7 @@ CUDA graphs. The activation part is scaled by the MLP width per GPU, which domin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lmi_runtime.model_facts import ModelFacts
 
@@ -131,11 +131,11 @@ def what_fits(facts: ModelFacts, engine: Engine, gpu_memory: int, gpus_per_node:
     options: list[str] = []
     for tp in (2, 4, 8):
         possible = engine.tensor_parallel < tp <= gpus_per_node and facts.attention_heads % tp == 0
-        if possible and estimate(facts, _with(engine, tensor_parallel=tp), gpu_memory).fits:
+        if possible and estimate(facts, replace(engine, tensor_parallel=tp), gpu_memory).fits:
             options.append(f"tensorParallelDegree {tp}")
             break
     unquantized = engine.quantize is None and not facts.quantization
-    if unquantized and estimate(facts, _with(engine, quantize="fp8"), gpu_memory).fits:
+    if unquantized and estimate(facts, replace(engine, quantize="fp8"), gpu_memory).fits:
         options.append("quantize fp8")
     rest = estimate(facts, engine, gpu_memory)
     if rest.kv_available > 0 and rest.kv_bytes_per_token:
@@ -143,10 +143,6 @@ def what_fits(facts: ModelFacts, engine: Engine, gpu_memory: int, gpus_per_node:
         if 0 < longest < rest.max_model_len:
             options.append(f"maxModelLen {longest}")
     return options
-
-
-def _with(engine: Engine, **changes: object) -> Engine:
-    return Engine(**{**engine.__dict__, **changes})
 
 
 def explain(est: Estimate, gpu: str, options: list[str]) -> str:

@@ -12,7 +12,7 @@ import json
 import math
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,8 @@ class ModelFacts:
         return self.layers * (attention + mlp)
 
     def to_status(self) -> dict[str, Any]:
-        """The facts as status.modelFacts writes them (camelCase)."""
+        """The facts as `lmi-runtime inspect` prints them (camelCase: the shape status.modelFacts is
+        to take)."""
         out: dict[str, Any] = {
             "parameters": self.parameters,
             "weightBytes": dict(sorted(self.weight_bytes.items())),
@@ -130,10 +131,7 @@ def facts_from(
         max_position_embeddings=int(
             _first(text, "max_position_embeddings", "n_positions", "seq_length", "max_seq_len") or 0
         ),
-        # transformers' default is tied.
-        tied_embeddings=bool(
-            _first(config, "tie_word_embeddings") if "tie_word_embeddings" in config else True
-        ),
+        tied_embeddings=bool(config.get("tie_word_embeddings", True)),  # transformers' default
         gated_mlp=model_type in GATED_MLP,
         experts=int(_first(text, "num_local_experts", "num_experts") or 1),
         quantization=dict(config.get("quantization_config") or {}),
@@ -153,18 +151,12 @@ def facts_from(
                 count = math.prod(int(n) for n in info.get("shape", []))
                 parameters += count
                 by_dtype[dtype] = by_dtype.get(dtype, 0) + count * DTYPE_BYTES[dtype]
-        return _with(facts, parameters, by_dtype, "safetensors")
+        return replace(facts, parameters=parameters, weight_bytes=by_dtype, counted="safetensors")
     embeddings = facts.vocab_size * hidden * (1 if facts.tied_embeddings else 2)
     norms = (2 * facts.layers + 1) * hidden
     parameters = facts.linear_parameters + embeddings + norms
     dtype = TORCH_DTYPES.get(str(_first(config, "torch_dtype", "dtype") or "bfloat16"), "BF16")
-    return _with(facts, parameters, {dtype: parameters * DTYPE_BYTES[dtype]}, "config")
-
-
-def _with(facts: ModelFacts, parameters: int, weight_bytes: dict[str, int], counted: str) -> ModelFacts:
-    return ModelFacts(
-        **{**facts.__dict__, "parameters": parameters, "weight_bytes": weight_bytes, "counted": counted}
-    )
+    return replace(facts, parameters=parameters, weight_bytes={dtype: parameters * DTYPE_BYTES[dtype]})
 
 
 def read_header(path: Path) -> dict[str, Any]:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from lmi_operator.main import run_operator
 from lmi_operator.reconciler import Reconciler
 from lmi_operator.settings import OperatorSettings
+
+T = TypeVar("T")
 
 
 class OperatorThread:
@@ -38,6 +43,11 @@ class OperatorThread:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout)
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run `coroutine` on the operator's event loop (to act with its clients from a test)."""
+        assert self._loop is not None, "the operator is not running"
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
     def requests(self) -> dict[str, int]:
         """API requests made by the reconciler so far, by HTTP method (kopf's watches not included)."""
