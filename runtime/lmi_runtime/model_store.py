@@ -198,7 +198,7 @@ _NO_CREDENTIALS = (
 )
 
 
-def _s3_client(environ: Mapping[str, str]) -> Any:
+def s3_client(environ: Mapping[str, str]) -> Any:
     """A MinIO client (it speaks the S3 API to AWS and others) with the AWS SDK's usual sources of
     credentials: AWS_* variables, then IRSA, EKS pod identity or the instance role (unless
     AWS_EC2_METADATA_DISABLED), and AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS_REGION."""
@@ -222,7 +222,9 @@ def _s3_client(environ: Mapping[str, str]) -> Any:
     )
 
 
-def _s3_error(source: Source, error: Exception) -> DownloadError:
+def s3_error(source: Source, error: Exception) -> DownloadError:
+    """The one-line error for an S3 request about `source` that failed: the source, S3's error code
+    and what to check."""
     from minio.error import S3Error
 
     if isinstance(error, S3Error):
@@ -239,7 +241,7 @@ def _fetch_s3(source: Source, dest: Path, environ: Mapping[str, str]) -> int:
     from urllib3.exceptions import HTTPError
 
     bucket, prefix = s3_location(source.value)
-    client = _s3_client(environ)
+    client = s3_client(environ)
     total = 0
     try:
         objects = [
@@ -256,7 +258,7 @@ def _fetch_s3(source: Source, dest: Path, environ: Mapping[str, str]) -> int:
             client.fget_object(bucket, key, str(dest / relative))
             total += size
     except (MinioException, HTTPError, ValueError) as error:
-        raise _s3_error(source, error) from None
+        raise s3_error(source, error) from None
     return total
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -187,3 +188,54 @@ def test_engine_args_table_is_deterministic(capsys: pytest.CaptureFixture[str]) 
     assert list(table["engine_args"]) == sorted(table["engine_args"])
     assert table["lmi_options"]["renamed"]["max_rolling_batch_size"] == "max_num_seqs"
     assert "entryPoint" in table["lmi_options"]["lmi_only"]
+
+
+def test_inspect_leaves_the_facts_or_the_error_in_the_message_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from lmi_runtime.model_facts import ModelFacts
+
+    for key in [k for k in os.environ if k.startswith(("OPTION_", "HF_"))]:
+        monkeypatch.delenv(key)
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
+    (model / "config.json").write_text(json.dumps(config | {"vocab_size": 10}))
+    save_file({"embed": np.zeros((10, 8), np.float16)}, str(model / "model.safetensors"))
+    model_dir = tmp_path / "model-dir"
+    model_dir.mkdir()
+    message = tmp_path / "termination-log"
+
+    def inspect(*args: str) -> tuple[int, str, dict[str, object]]:
+        code = cli.main(["inspect", *args, "--model-dir", str(model_dir), "--message-file", str(message)])
+        assert len(message.read_bytes()) <= cli.MESSAGE_LIMIT
+        document = json.loads(message.read_text())
+        message.unlink()
+        return code, capsys.readouterr().out, document
+
+    # The model the settings name, with its revision; and a folder given as PATH.
+    monkeypatch.setenv("OPTION_MODEL_ID", str(model))
+    monkeypatch.setenv("HF_REVISION", "v2")
+    code, out, document = inspect()
+    status = json.loads(out)
+    assert code == 0 and status["counted"] == "safetensors" and status["parameters"] == 80
+    assert document == {"facts": status, "source": str(model), "revision": "v2"}
+    assert ModelFacts.from_status(status).to_status() == status
+    assert inspect(str(model)) == (0, out, {"facts": status, "source": str(model), "revision": None})
+
+    # No model_id: the model directory is the model, as LMI serves it; here it has none.
+    monkeypatch.delenv("OPTION_MODEL_ID")
+    code, out, document = inspect()
+    assert (code, out) == (2, "")
+    assert document == {"error": f"--model-dir={model_dir}: no config.json", "source": str(model_dir)}
+
+    # A source too long for a termination message: the error is shortened, the JSON stays whole.
+    long = "/no/such/" + "x" * 3000
+    monkeypatch.setenv("OPTION_MODEL_ID", long)
+    code, out, document = inspect()
+    assert code == 2 and document["source"] == long
+    assert str(document["error"]).startswith(f"OPTION_MODEL_ID={long[:100]}")
+    assert str(document["error"]).endswith("...")
