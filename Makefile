@@ -13,8 +13,8 @@ TOOLS_BIN = $$(bash tools/build-tools.sh | tail -n 1)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-tools: ## build the pinned etcd, Kubernetes, kwok and helm binaries (cached outside the clone)
-	@bash tools/build-tools.sh etcd kwok kubernetes helm
+tools: ## build the pinned etcd, Kubernetes, kwok, helm and LeaderWorkerSet binaries (cached outside the clone)
+	@bash tools/build-tools.sh etcd kwok kubernetes helm lws
 
 tools-path: tools ## print the folder holding the built binaries (last line)
 	@bash tools/build-tools.sh 2>/dev/null | tail -n 1

@@ -7,6 +7,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=/dev/null
 . "$here/versions.env"
+# shellcheck source=/dev/null
+. "$here/lws.env"
 
 key=$(sha256sum "$here/versions.env" | cut -c1-12)
 cache_root=${LMI_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lmi-operator/tools}
@@ -126,7 +128,44 @@ GOMOD
   (cd "$mod" && go mod tidy && go build -trimpath -ldflags "-s -w" -o "$bin/kstatus-check.tmp" .) && mv "$bin/kstatus-check.tmp" "$bin/kstatus-check"
 }
 
-targets=${*:-etcd kwok kubernetes helm kstatus}
+# LeaderWorkerSet's manager for multi-node replicas (docs/e2e.md). Its version is in lws.env, outside
+# the cache key, so the binary and the module's manifests carry the version in their names instead.
+build_lws() {
+  local name="lws-manager-$LWS_VERSION" manifests="$dest/lws-$LWS_VERSION"
+  have "$name" && [ -d "$manifests" ] && return 0
+  log "building the LeaderWorkerSet manager $LWS_VERSION"
+  # A wrapper module, as for etcd: `go install ...@version` asks the proxy for the module's version
+  # list (deprecation check), which it does not serve here.
+  local mod="$dest/src/lws"
+  mkdir -p "$mod"
+  cat > "$mod/go.mod" <<GOMOD
+module lmi.dev/tools/lws
+
+go 1.25
+
+require sigs.k8s.io/lws $LWS_VERSION
+
+tool sigs.k8s.io/lws/cmd
+GOMOD
+  (cd "$mod" && go mod tidy)
+  local info src commit
+  info=$(go mod download -json "sigs.k8s.io/lws@$LWS_VERSION")
+  src=$(sed -n 's/.*"Dir": "\(.*\)".*/\1/p' <<< "$info")
+  commit=$(sed -n 's/.*"Hash": "\(.*\)".*/\1/p' <<< "$info")
+  # The module's own CRDs and webhook configurations (with the patches its kustomization applies),
+  # so the local cluster installs exactly what this version ships.
+  rm -rf "$manifests.tmp"
+  mkdir -p "$manifests.tmp/crds" "$manifests.tmp/webhook"
+  cp "$src"/config/crd/bases/*.yaml "$manifests.tmp/crds/"
+  cp "$src"/config/webhook/{manifests,mutating-patch,validating-patch}.yaml "$manifests.tmp/webhook/"
+  chmod -R u+w "$manifests.tmp"
+  rm -rf "$manifests" && mv "$manifests.tmp" "$manifests"
+  local ld="-s -w -X sigs.k8s.io/lws/pkg/version.GitVersion=$LWS_VERSION"
+  ld+=" -X sigs.k8s.io/lws/pkg/version.GitCommit=$commit"
+  (cd "$mod" && go build -trimpath -ldflags "$ld" -o "$bin/$name.tmp" sigs.k8s.io/lws/cmd) && mv "$bin/$name.tmp" "$bin/$name"
+}
+
+targets=${*:-etcd kwok kubernetes helm kstatus lws}
 for t in $targets; do "build_$t"; done
 log "all tools present in $bin"
 echo "$bin"
