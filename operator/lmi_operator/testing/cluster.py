@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from lmi_operator.testing.certs import CertPaths, write_pki
+from lmi_operator.testing.lws import LwsController
 from lmi_operator.testing.node import NODE_IP, RealNode
 from lmi_operator.testing.nodes import DEFAULT_NODES, FakeNode
 from lmi_operator.testing.processes import die_with_parent, free_port, http_ok
@@ -80,8 +81,9 @@ class Ports:
 
 class LocalCluster:
     """A control plane rooted in `workdir`. `start()` brings it up with fake GPU nodes (and, with
-    `real_node`, a kubelet + containerd node that runs CPU pods for real) and waits until it
-    schedules pods; `stop()` ends exactly the processes it started."""
+    `real_node`, a kubelet + containerd node that runs CPU pods for real, and with `lws`, the
+    LeaderWorkerSet controller) and waits until it schedules pods; `stop()` ends exactly the
+    processes it started."""
 
     def __init__(
         self,
@@ -89,6 +91,7 @@ class LocalCluster:
         bin_dir: Path,
         nodes: Sequence[FakeNode] = DEFAULT_NODES,
         real_node: bool = False,
+        lws: bool = False,
     ) -> None:
         self.workdir = workdir
         self.bin_dir = bin_dir
@@ -96,6 +99,7 @@ class LocalCluster:
         self.real_node: RealNode | None = None
         if real_node:
             self.real_node = RealNode(workdir, bin_dir, workdir / "kubeconfig", free_port())
+        self.lws = LwsController(workdir, bin_dir) if lws else None
         # The processes this object started: judged by their handles, never by /proc alone.
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.kubeconfig = workdir / "kubeconfig"
@@ -133,6 +137,8 @@ class LocalCluster:
             self._spawn("kube-controller-manager", self._kcm_args(pki, ports), detach)
             self._spawn("kube-scheduler", self._scheduler_args(ports), detach)
             self._spawn("kwok", self._kwok_args(ports), detach)
+            if self.lws is not None:
+                self._spawn(self.lws.name, self.lws.prepare(pki, self.kubeconfig, self.kubectl), detach)
             self._wait(
                 "kube-controller-manager",
                 deadline,
@@ -140,6 +146,8 @@ class LocalCluster:
             )
             self._wait("kube-scheduler", deadline, lambda: self._https_ok(None, ports.scheduler, "/healthz"))
             self._wait("kwok", deadline, lambda: http_ok(f"http://127.0.0.1:{ports.kwok}/healthz"))
+            if self.lws is not None:
+                self._wait(self.lws.name, deadline, self.lws.ready, "serving its webhooks")
             self._create_nodes()
             self._wait("kwok", deadline, self._nodes_ready, "done making the fake nodes Ready")
             # Pods cannot be created in a namespace until its default ServiceAccount exists.
