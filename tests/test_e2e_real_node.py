@@ -17,6 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from lmi_operator.api import Scheduling
+from lmi_operator.capacity import engine_of
+from lmi_operator.fit_status import GpuType, Inspection, judge
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster
 from lmi_operator.testing.node import NODE_IP, NODE_NAME, RealNode, node_selector, tolerations
@@ -25,6 +28,7 @@ from lmi_operator.testing.product_images import cpu_model
 from lmi_operator.testing.s3_server import REGION, Credentials, S3Server, read_policy, s3_server
 from lmi_operator.testing.tiny_model import build_adapter, build_model
 from lmi_operator.testing.volumes import shared_claim
+from lmi_runtime.model_facts import facts_of_directory
 from tests.conftest import ADAPTER_PATH, MODEL_PATH, fresh_namespace
 from tests.test_operator import apply, condition
 from tests.test_operator import get as get_object
@@ -33,6 +37,10 @@ from tests.waiting import eventually
 pytestmark = [pytest.mark.cluster, pytest.mark.vllm]
 
 GREEDY = {"max_new_tokens": 8, "do_sample": False}
+# Published models' config.json sizes (tests/test_capacity.py checks their parameter counts).
+CAPACITY_EXAMPLES = json.loads(
+    (Path(__file__).parent / "data" / "capacity" / "example-configs.json").read_text()
+)
 # A vLLM start in a container on two shared cores: import, load, warm-up.
 READY_TIMEOUT = 420
 # The inline handler answers this prompt itself and hands everything else to vLLM.
@@ -55,7 +63,11 @@ def operator(real_cluster: LocalCluster) -> Iterator[OperatorThread]:
     """The operator (in this process) with the CRD applied."""
     real_cluster.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
     real_cluster.kubectl("wait", "--for=condition=Established", "crd/lmimodels.serving.lmi.dev")
-    settings = OperatorSettings(leader_election=False, metrics_port=0, health_port=0)
+    # The inspection of GPU models runs on the real node, not on kwok's CPU node (which runs nothing).
+    placement = Scheduling.model_validate({"nodeSelector": node_selector(), "tolerations": tolerations()})
+    settings = OperatorSettings(
+        leader_election=False, metrics_port=0, health_port=0, inspection_scheduling=placement
+    )
     running = OperatorThread(real_cluster.kubeconfig, settings).start()
     try:
         yield running
@@ -465,6 +477,83 @@ def test_an_s3_source_that_cannot_be_fetched_is_reported_as_download_failed(
     assert f"lmi-runtime: error: download failed: {says}" in ready["message"], ready
     obj = get(real_cluster, namespace, "lmimodel", case)
     assert obj["status"]["startup"]["phase"] in ("Pending", "Downloading"), obj["status"]
+
+
+# --- the memory fit, from an inspection on the real node -------------------------------------------
+
+
+def gpu_model(name: str, image: str, source: str, bucket: Bucket, max_model_len: int) -> dict[str, Any]:
+    """A one-GPU model for kwok's GPU nodes whose source is in the bucket: only its inspection runs."""
+    spec = {
+        "model": {"id": source, "s3": bucket.source("s3-reader")},
+        "image": image,
+        "engine": {"tensorParallelDegree": 1, "maxModelLen": max_model_len},
+        "resources": {"gpus": 1},
+    }
+    return {
+        "apiVersion": "serving.lmi.dev/v1alpha1",
+        "kind": "LMIModel",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def inspection_jobs(cluster: LocalCluster, namespace: str, name: str) -> list[str]:
+    out = cluster.kubectl(
+        "get", "jobs", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}", "-o", "name"
+    )
+    return out.stdout.split()
+
+
+def test_gpu_models_are_inspected_first_and_one_that_fits_no_gpu_creates_no_pods(
+    real_cluster: LocalCluster,
+    operator: OperatorThread,
+    model_image: str,
+    namespace: str,
+    bucket: Bucket,
+    tmp_path: Path,
+) -> None:
+    # A 70B model's config.json alone (its shapes give the count); the tiny model with its weights.
+    big = CAPACITY_EXAMPLES["meta-llama/Llama-3.1-70B-Instruct"]["config"]
+    (tmp_path / "70b").mkdir()
+    (tmp_path / "70b" / "config.json").write_text(json.dumps(big))
+    bucket.server.upload("models", "llama-70b", tmp_path / "70b")
+    apply(real_cluster, namespace, bucket.secret("s3-reader", bucket.reader))
+    apply(real_cluster, namespace, gpu_model("small", model_image, "s3://models/tiny", bucket, 256))
+    apply(real_cluster, namespace, gpu_model("big", model_image, "s3://models/llama-70b", bucket, 8192))
+
+    def judged(name: str, status: str) -> dict[str, Any] | None:
+        obj = get(real_cluster, namespace, "lmimodel", name)
+        return obj if condition(obj, "FitsGPUMemory").get("status") == status else None
+
+    with explained(real_cluster, namespace, "small"):
+        small = eventually(lambda: judged("small", "True"), timeout=240, interval=2, what="small judged")
+    # What the Job read from S3 (headers only) is what the runtime reads from the folder itself.
+    facts = small["status"]["modelFacts"]
+    assert facts == {"source": "s3://models/tiny", **facts_of_directory(bucket.model_dir).to_status()}
+    assert facts["counted"] == "safetensors"
+    assert condition(small, "FitsGPUMemory")["message"].startswith("fits NVIDIA-H100-80GB-HBM3: needs ")
+    eventually(
+        lambda: get(real_cluster, namespace, "deployment", "small") or None, timeout=30, what="Deployment"
+    )
+    # The facts are recorded: the Job and its pod go.
+    eventually(lambda: not inspection_jobs(real_cluster, namespace, "small"), timeout=60, what="Job deleted")
+
+    with explained(real_cluster, namespace, "big"):
+        obj = eventually(lambda: judged("big", "False"), timeout=240, interval=2, what="big judged")
+    # The operator's judgement of the facts the Job wrote, number for number.
+    engine = engine_of(obj["status"]["engineOptions"], 1)
+    h100 = GpuType("NVIDIA-H100-80GB-HBM3", 81559 * 2**20, 8)
+    a10g = GpuType("NVIDIA-A10G", 23028 * 2**20, 4)
+    expected = judge(Inspection(facts=obj["status"]["modelFacts"]), engine, [h100, a10g], "")
+    ready = condition(obj, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InsufficientGPUMemory")
+    assert ready["message"] == expected.condition["message"] == condition(obj, "FitsGPUMemory")["message"]
+    assert ready["message"].startswith("needs 138.7 GiB per GPU (weights 131.4 + KV cache 2.5")
+    assert "NVIDIA-H100-80GB-HBM3 has 71.7 GiB usable: tensorParallelDegree 2 would fit" in ready["message"]
+    assert obj["status"]["modelFacts"]["counted"] == "config"
+    assert get(real_cluster, namespace, "deployment", "big") == {}
+    assert pods(real_cluster, namespace, "big") == [], "no model server pod for a model that fits nothing"
 
 
 # --- LoRA adapters that converge without restarts ------------------------------------------------

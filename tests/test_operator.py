@@ -824,3 +824,61 @@ def test_adapters_reach_the_configmap_and_status_but_not_the_pod_template_and_go
         )
 
     eventually(gone, what="no adapters in status or ConfigMap")
+
+
+def inspection_jobs(cluster: LocalCluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    """The inspection Jobs of model `name`."""
+    selector = f"app.kubernetes.io/instance={name},app.kubernetes.io/component=inspection"
+    out = cluster.kubectl("get", "jobs", "-n", namespace, "-l", selector, "-o", "json")
+    items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
+    return items
+
+
+def test_a_gpu_model_is_inspected_before_its_deployment_and_anew_for_a_new_source(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    """kwok completes the inspection's pod without running it, so without a result: the fit stays
+    unjudged and says why, and the Deployment comes after the inspection ended (the real node's
+    tests run real inspections: tests/test_e2e_real_node.py)."""
+    apply(cluster, namespace, model_doc("inspected"))
+    obj = wait_reason(cluster, namespace, "inspected", "InspectionFailed", ctype="FitsGPUMemory")
+    fit = condition(obj, "FitsGPUMemory")
+    assert fit["status"] == "Unknown", fit
+    assert "the inspection pod ended without its result in its termination message" in fit["message"]
+    assert "modelFacts" not in obj["status"]
+    (job,) = inspection_jobs(cluster, namespace, "inspected")
+    out = cluster.kubectl(
+        "get", "pods", "-n", namespace, "-l", f"job-name={job['metadata']['name']}", "-o", "json"
+    )
+    (pod,) = json.loads(out.stdout)["items"]
+    assert "serving.lmi.dev/model" not in pod["metadata"]["labels"], "not selected by the model's Service"
+    (container,) = pod["status"]["containerStatuses"]
+    deployment = get(cluster, namespace, "deployment", "inspected")
+    assert deployment is not None
+    # Timestamps are to the second: the Deployment was not created before the inspection ended.
+    assert deployment["metadata"]["creationTimestamp"] >= container["state"]["terminated"]["finishedAt"]
+    # The failed inspection stays, as the record of its result; a new source is a new inspection.
+    apply(cluster, namespace, model_doc("inspected", model={"id": "Qwen/Qwen2.5-1.5B-Instruct"}))
+    first = job["metadata"]["name"]
+    renewed = eventually(
+        lambda: (
+            [
+                j["metadata"]["name"]
+                for j in inspection_jobs(cluster, namespace, "inspected")
+                if not j["metadata"].get("deletionTimestamp")
+            ]
+            or None
+        ),
+        what="the new inspection",
+    )
+    assert len(renewed) == 1 and renewed != [first], renewed
+    eventually(
+        lambda: (
+            first not in [j["metadata"]["name"] for j in inspection_jobs(cluster, namespace, "inspected")]
+        ),
+        what="the former inspection deleted",
+    )
+    # A CPU model is not judged against GPUs: no inspection.
+    apply(cluster, namespace, model_doc("on-cpu", resources={"gpus": 0}))
+    cpu = wait_ready(cluster, namespace, "on-cpu")
+    assert condition(cpu, "FitsGPUMemory") == {} and inspection_jobs(cluster, namespace, "on-cpu") == []

@@ -1148,6 +1148,35 @@ class AdapterStatus(_Object):
     )
 
 
+class ModelFactsStatus(_Object):
+    """What the inspection read of spec.model without its weights (`lmi-runtime inspect`): config.json
+    and the safetensors headers. The capacity estimate (docs/capacity.md) is made from these."""
+
+    source: str = Field(max_length=1024, description="The model source inspected (spec.model.id).")
+    revision: str | None = Field(None, max_length=256, description="The revision inspected, if one was set.")
+    parameters: int = Field(ge=0, description="Parameters of the checkpoint.")
+    weight_bytes: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        max_length=16, description="Bytes of the weights by safetensors dtype (BF16, F8_E4M3, ...)."
+    )
+    layers: int = Field(ge=1, description="Decoder layers.")
+    hidden_size: int = Field(ge=1, description="Hidden size.")
+    attention_heads: int = Field(ge=1, description="Attention (query) heads.")
+    kv_heads: int = Field(ge=1, description="Key/value heads (fewer than attention heads with GQA).")
+    head_size: int = Field(ge=1, description="Size of one attention head.")
+    intermediate_size: int = Field(ge=1, description="Width of the MLP.")
+    vocab_size: int = Field(ge=1, description="Vocabulary size.")
+    max_position_embeddings: int = Field(ge=1, description="The longest context the model supports.")
+    tied_embeddings: bool = Field(description="Whether input and output embeddings share weights.")
+    gated_mlp: bool = Field(description="Whether the MLP is gated (three matrices, as Llama's).")
+    experts: int = Field(1, ge=1, description="MLP experts per layer (1: a dense model).")
+    quantization: dict[str, Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=32, description="config.json's quantization_config, if any."
+    )
+    counted: Literal["safetensors", "config"] = Field(
+        description="Where the parameter count comes from: the safetensors headers, or config.json's shapes."
+    )
+
+
 class LMIModelStatus(_Object):
     """The observed state, written by the operator only."""
 
@@ -1189,6 +1218,7 @@ class LMIModelStatus(_Object):
         max_length=32,
         description="Adapters loaded on every ready replica, of those declared (N/M): the Adapters column.",
     )
+    model_facts: ModelFactsStatus | None = Field(None, description=ModelFactsStatus.__doc__)
 
 
 # --- the object ----------------------------------------------------------------------------------

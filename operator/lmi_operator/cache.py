@@ -20,6 +20,7 @@ from lmi_operator.api import API_VERSION, KIND
 from lmi_operator.kube import KubeClient, object_path
 from lmi_operator.relist import RelistDetector
 from lmi_operator.render import MANAGED_SELECTOR, MODEL_LABEL
+from lmi_operator.render_inspect import INSPECTS_LABEL
 from lmi_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ OPTIONAL_KINDS = {
     "PodDisruptionBudget": "policy/v1",
     "HorizontalPodAutoscaler": "autoscaling/v2",
     "PersistentVolumeClaim": "v1",
+    # The inspection (render_inspect), only until the model's facts are in its status.
+    "Job": "batch/v1",
 }
 # The kinds the operator watches, kind -> apiVersion; a re-list of LMIModels checks them all (a kind
 # with nothing left to list yields no listing event of its own).
@@ -90,7 +93,8 @@ def owner_key(obj: Mapping[str, Any]) -> Key | None:
     for ref in meta.get("ownerReferences", []):
         if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(API_VERSION.split("/")[0]):
             return meta.get("namespace", ""), ref["name"]
-    if name := meta.get("labels", {}).get(MODEL_LABEL):
+    labels = meta.get("labels", {})
+    if name := labels.get(MODEL_LABEL) or labels.get(INSPECTS_LABEL):
         return meta.get("namespace", ""), name
     return None
 
@@ -110,19 +114,23 @@ class ModelState:
     model: dict[str, Any] | None = None
     children: dict[str, dict[str, Any]] = field(default_factory=dict)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The pods of the inspection Job (render_inspect), apart from the model server's.
+    inspection_pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The Deployment generation the operator last applied: the rollout that counts for status.
     applied_generation: int | None = None
     # Why the API server refused what the spec renders to, for status (None: nothing refused).
     apply_error: str | None = None
     # ((uid, generation), config hash) of the pod template that generation renders to.
     config_hash: tuple[tuple[str, int], str] | None = None
+    # ((uid, generation), name) of the inspection Job that generation renders to.
+    inspect_job: tuple[tuple[str, int], str] | None = None
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         """The cached objects of `kind` (LMIModel, Pod or a child kind)."""
         if kind == KIND:
             return [self.model] if self.model is not None else []
         if kind == "Pod":
-            return list(self.pods.values())
+            return [*self.pods.values(), *self.inspection_pods.values()]
         return [self.children[kind]] if kind in self.children else []
 
 
@@ -171,7 +179,7 @@ class ModelCache:
 
     def _forget_if_gone(self, key: Key) -> bool:
         st = self.models.get(key)
-        if st is None or st.model is not None or st.children or st.pods:
+        if st is None or st.model is not None or st.children or st.pods or st.inspection_pods:
             return False
         del self.models[key]
         metrics.CACHED_MODELS.set(len(self.models))
@@ -210,21 +218,24 @@ class ModelCache:
         self._on_spec(key)
 
     def observe_pod(self, obj: dict[str, Any], deleted: bool, listed: bool = False) -> None:
-        """A model server pod changed."""
+        """A model server pod, or an inspection pod, changed."""
         self.relists.observe("Pod", listed)
         key = owner_key(obj)
         if key is None:
             return
         st = self.state(key)
         name = obj["metadata"]["name"]
+        inspection = INSPECTS_LABEL in obj["metadata"].get("labels", {})
+        pods = st.inspection_pods if inspection else st.pods
         if deleted:
-            st.pods.pop(name, None)
+            pods.pop(name, None)
             if self._forget_if_gone(key):
                 return
         else:
             # Only the pod's name, labels and status decide anything: keep just those.
-            st.pods[name] = {"metadata": slim(obj)["metadata"], "status": obj.get("status", {})}
-        self._on_pods(key)
+            pods[name] = {"metadata": slim(obj)["metadata"], "status": obj.get("status", {})}
+        # An inspection's end decides whether the Deployment may be created: the children's queue.
+        (self._on_spec if inspection else self._on_pods)(key)
 
     # -- what this replica wrote --------------------------------------------------------------------
 
@@ -258,6 +269,24 @@ class ModelCache:
         for (_, kind, _), live in zip(missing, found, strict=True):
             if live is not None and kind not in st.children:
                 st.children[kind] = slim(live)
+
+    async def read_inspection_pods(self, key: Key, job: str) -> None:
+        """Read the pods of the inspection Job `job` when none is cached: the Job finished (its
+        result is in its pod) but the pods' initial list has not come yet, as after a restart."""
+        st = self.models.get(key)
+        if st is None or any(
+            p["metadata"].get("labels", {}).get("job-name") == job for p in st.inspection_pods.values()
+        ):
+            return
+        path = object_path("v1", "Pod", key[0])
+        for pod in (await self.client.request("GET", path, params={"labelSelector": f"job-name={job}"}))[
+            "items"
+        ]:
+            if INSPECTS_LABEL in pod["metadata"].get("labels", {}):
+                st.inspection_pods[pod["metadata"]["name"]] = {
+                    "metadata": slim(pod)["metadata"],
+                    "status": pod.get("status", {}),
+                }
 
     # -- re-lists -----------------------------------------------------------------------------------
 

@@ -13,8 +13,10 @@ CUDA graphs. The activation part is scaled by the MLP width per GPU, which domin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from lmi_runtime import options as lmi
 from lmi_runtime.model_facts import ModelFacts
 
 GiB = 2**30
@@ -88,6 +90,30 @@ class Estimate:
         return max(0, self.kv_available // self.kv_cache) if self.kv_cache else 0
 
 
+def _on(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("true", "1", "yes", "on")
+
+
+def engine_of(options: Mapping[str, str], gpus: int) -> Engine:
+    """The engine settings of the LMI options a replica is given (status.engineOptions: the spec's
+    fields, engine.options and defaults, as `properties.lmi_options` renders them) on `gpus` GPUs."""
+    pp = int(options.get("pipeline_parallel_degree") or 1)
+    tp_value = options.get("tensor_parallel_degree") or lmi.DEFAULT_TENSOR_PARALLEL_DEGREE
+    tp = max(1, gpus // pp) if tp_value == lmi.TENSOR_PARALLEL_MAX else int(tp_value)
+    lora = _on(options.get("enable_lora"))
+    return Engine(
+        tensor_parallel=tp,
+        pipeline_parallel=pp,
+        quantize=options.get("quantize") or None,
+        max_model_len=int(options["max_model_len"]) if options.get("max_model_len") else None,
+        kv_cache_dtype=options.get("kv_cache_dtype") or "auto",
+        gpu_memory_utilization=float(options.get("gpu_memory_utilization") or 0.9),
+        max_loras=int(options.get("max_loras") or lmi.DEFAULT_MAX_LORAS) if lora else 0,
+        max_lora_rank=int(options.get("max_lora_rank") or 16),
+        enforce_eager=_on(options.get("enforce_eager")),
+    )
+
+
 def weight_bytes(facts: ModelFacts, quantize: str | None) -> int:
     """All weights after runtime quantization (a pre-quantized checkpoint is counted as stored)."""
     stored = sum(facts.weight_bytes.values())
@@ -152,13 +178,22 @@ def explain(est: Estimate, gpu: str, options: list[str]) -> str:
             f"fits {gpu}: needs {est.needed / GiB:.1f} GiB per GPU of {est.usable / GiB:.1f} GiB usable, "
             f"{est.full_sequences} sequences of {est.max_model_len} tokens at once"
         )
+    return f"{needs(est)}, {short_of(est, gpu, options)}"
+
+
+def needs(est: Estimate) -> str:
+    """What one GPU must hold, with its parts."""
     parts = (
         f"weights {est.weights / GiB:.1f} + KV cache {est.kv_cache / GiB:.1f} + LoRA {est.lora / GiB:.1f} "
         f"+ overhead {est.overhead / GiB:.1f}"
     )
+    return f"needs {est.needed / GiB:.1f} GiB per GPU ({parts})"
+
+
+def short_of(est: Estimate, gpu: str, options: list[str]) -> str:
+    """What a GPU that is too small has, and what would fit it."""
     fix = f": {' or '.join(options)} would fit" if options else ""
-    usable = f"{gpu} has {est.usable / GiB:.1f} GiB usable"
-    return f"needs {est.needed / GiB:.1f} GiB per GPU ({parts}), {usable}{fix}"
+    return f"{gpu} has {est.usable / GiB:.1f} GiB usable{fix}"
 
 
 # GPU memory (MiB) by the product name GPU feature discovery labels a node with, for nodes that carry

@@ -15,6 +15,7 @@ from lmi_operator import metrics
 from lmi_operator.api import LMIModel
 from lmi_operator.cache import OPTIONAL_KINDS, Key, ModelCache
 from lmi_operator.drift import contains
+from lmi_operator.fit_status import FitReport
 from lmi_operator.kube import ApiError, KubeClient, object_path
 from lmi_operator.render import APPLIED_HASH, render
 from lmi_operator.settings import OperatorSettings
@@ -37,6 +38,11 @@ def drifted(live: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
     return applied != desired["metadata"]["annotations"][APPLIED_HASH] or not contains(live, desired)
 
 
+def _replaced(live: Mapping[str, Any], desired: Mapping[str, Any] | None) -> bool:
+    """Whether `live` is an older copy of a child named anew (the inspection Job of a former source)."""
+    return desired is not None and live["metadata"]["name"] != desired["metadata"]["name"]
+
+
 class ChildrenApplier:
     """Brings one model's children in line with its parsed spec, through the cache's copies."""
 
@@ -48,15 +54,21 @@ class ChildrenApplier:
         self.settings = settings
         self.admin_key = admin_key  # the public key of the operator's adapter management requests
 
-    async def apply(self, key: Key, obj: LMIModel) -> None:
+    async def apply(self, key: Key, obj: LMIModel, fit: FitReport | None = None) -> None:
         """Apply what `obj` renders to where it drifted and delete the children it no longer asks for.
-        A child the API server refuses (400/422: retrying cannot help) is named in the model's
+        With a `fit` judgement (GPU models), the inspection Job is applied until the facts are known
+        and the Deployment only once `fit` allows it (a live one is left as it is until then). A
+        child the API server refuses (400/422: retrying cannot help) is named in the model's
         apply_error for status; other failures raise, for the work queue to retry."""
         st = self.cache.state(key)
-        rendered = render(obj, self.settings, self.admin_key)
+        inspect = fit is not None and fit.keep_job
+        deploy = fit is None or fit.deploy
+        rendered = render(obj, self.settings, self.admin_key, inspect=inspect, deploy=deploy)
         await self.cache.read_missing(
             key, [(d["apiVersion"], d["kind"], d["metadata"]["name"]) for d in rendered.objects]
         )
+        # What may be pruned, as it is before the writes below replace the cache's copies.
+        before = {kind: st.children.get(kind) for kind in OPTIONAL_KINDS}
         stale = [d for d in rendered.objects if drifted(st.children.get(d["kind"]), d)]
         # Independent objects: apply them together (a pod waits for its ConfigMap by itself).
         results = await asyncio.gather(*(self.client.apply(d) for d in stale), return_exceptions=True)
@@ -75,15 +87,22 @@ class ChildrenApplier:
                 st.applied_generation = result["metadata"].get("generation")
         wanted = {o["kind"] for o in rendered.objects}
         for kind, api_version in OPTIONAL_KINDS.items():
-            live = st.children.get(kind)
-            if live is not None and kind not in wanted:
+            live = before[kind]
+            if live is not None and (kind not in wanted or _replaced(live, rendered.by_kind(kind))):
                 # By the live child's own name: the cache claim is <model>-cache, not <model>.
-                await self._delete(api_version, kind, key[0], live["metadata"]["name"])
-                st.children.pop(kind, None)
+                name = live["metadata"]["name"]
+                await self._delete(api_version, kind, key[0], name)
+                if (st.children.get(kind) or {}).get("metadata", {}).get("name") == name:
+                    st.children.pop(kind, None)
 
     async def _delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:
-            await self.client.request("DELETE", object_path(api_version, kind, namespace, name))
+            # In the background, as kubectl does: a Job's pods go with it (the API's default orphans them).
+            await self.client.request(
+                "DELETE",
+                object_path(api_version, kind, namespace, name),
+                params={"propagationPolicy": "Background"},
+            )
             metrics.API_WRITES.labels(kind).inc()
         except ApiError as err:
             if err.status != 404:

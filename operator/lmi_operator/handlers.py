@@ -28,6 +28,7 @@ CHILDREN: dict[tuple[str, str, str], str] = {
     ("policy", "v1", "poddisruptionbudgets"): "PodDisruptionBudget",
     ("autoscaling", "v2", "horizontalpodautoscalers"): "HorizontalPodAutoscaler",
     ("", "v1", "persistentvolumeclaims"): "PersistentVolumeClaim",
+    ("batch", "v1", "jobs"): "Job",
 }
 
 

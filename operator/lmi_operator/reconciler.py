@@ -16,6 +16,8 @@ from lmi_operator import metrics
 from lmi_operator.cache import Key, ModelCache
 from lmi_operator.children import ChildrenApplier
 from lmi_operator.events import EventRecorder
+from lmi_operator.fit_check import FitCheck
+from lmi_operator.gpu_capacity import GpuCapacity
 from lmi_operator.kube import KubeClient
 from lmi_operator.memory import Trimmer
 from lmi_operator.settings import OperatorSettings
@@ -43,7 +45,9 @@ class Reconciler:
         # their ConfigMaps (lmi_runtime.admin_auth).
         signer = Signer()
         self.children = ChildrenApplier(client, self.cache, settings, signer.public_key)
-        self.status = StatusReporter(client, self.cache, settings, EventRecorder(client), signer)
+        # One view of the nodes' GPUs for both queues: the Deployment's gate and the status.
+        self.fits = FitCheck(self.cache, GpuCapacity(client), settings)
+        self.status = StatusReporter(client, self.cache, settings, EventRecorder(client), signer, self.fits)
         # A replica that finished loading adapters is reported at once.
         self.status.adapters.notify = self.status_queue.add
         self.last_progress = time.monotonic()
@@ -75,7 +79,7 @@ class Reconciler:
         obj, invalid = parse(st.model)
         # Nothing is applied from an invalid spec: what runs keeps running as it was.
         if obj is not None and invalid is None:
-            await self.children.apply(key, obj)
+            await self.children.apply(key, obj, await self.fits.judge(key, obj))
         self.status_queue.add(key)
 
     async def _report(self, key: Key) -> None:

@@ -24,6 +24,7 @@ from lmi_operator.render_cache import (
     claim_name,
     fetch_container,
 )
+from lmi_operator.render_inspect import render_inspect_job
 from lmi_operator.settings import OperatorSettings
 from lmi_runtime.options import HANDLER_FILE, MODEL_DIR, PORT, PROPERTIES_FILE
 
@@ -406,12 +407,25 @@ def gpu_resource_of(spec: LMIModelSpec, settings: OperatorSettings) -> str:
     return spec.resources.gpu_resource_name or settings.gpu_resource_name
 
 
-def render(obj: LMIModel, settings: OperatorSettings, admin_key: str = "") -> Rendered:
+def render(
+    obj: LMIModel,
+    settings: OperatorSettings,
+    admin_key: str = "",
+    *,
+    inspect: bool = False,
+    deploy: bool = True,
+) -> Rendered:
     """Every object an LMIModel needs, in the order they are applied (config before pods).
-    `admin_key` is the operator's public key for the adapter management port (render_adapters)."""
+    `admin_key` is the operator's public key for the adapter management port (render_adapters).
+    `inspect` adds the inspection Job (render_inspect); without `deploy` the Deployment is held back
+    (the model is inspected, or fits no GPU: fit_status)."""
     name = str(obj.metadata.name)
     config = _config_map(obj, admin_key)
-    objects = [config, _deployment(obj, settings, config), _service(obj)]
+    deployment = _deployment(obj, settings, config)
+    objects = [config, *([deployment] if deploy else []), _service(obj)]
+    if inspect:
+        pod = deployment["spec"]["template"]["spec"]
+        objects.append(render_inspect_job(name, owned_metadata(obj, ""), pod, settings.inspection_scheduling))
     if cache_claim := claim(obj, settings, owned_metadata(obj, claim_name(name))):
         # Before the Deployment would be better, but pods wait for their claim by themselves.
         objects.append(cache_claim)

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lmi_operator.api import Cache
+from lmi_operator.api import Cache, Scheduling
 
 ENV_PREFIX = "LMI_OPERATOR_"
 
@@ -49,6 +49,11 @@ class OperatorSettings(BaseModel):
         description="spec.cache of models that set none, as JSON (e.g. "
         '{"claimTemplate": {"size": "200Gi", "accessMode": "ReadWriteMany"}}); unset: emptyDir.',
     )
+    inspection_scheduling: Scheduling | None = Field(
+        default=None,
+        description="Where the CPU-only inspection pods of GPU models run, as JSON spec.scheduling "
+        '(e.g. {"nodeSelector": {"pool": "cpu"}, "tolerations": [...]}); unset: any untainted node.',
+    )
     stall_seconds: float = Field(
         default=300.0, gt=0, description="Liveness fails when the watch loop saw nothing for this long."
     )
@@ -60,7 +65,7 @@ class OperatorSettings(BaseModel):
             return tuple(n.strip() for n in value.split(",") if n.strip())
         return value
 
-    @field_validator("default_cache", mode="before")
+    @field_validator("default_cache", "inspection_scheduling", mode="before")
     @classmethod
     def _json(cls, value: object) -> object:
         if isinstance(value, str):

@@ -15,6 +15,7 @@ from typing import Any
 
 from lmi_operator.adapter_status import AdapterReport
 from lmi_operator.api import FIRST_CLASS_OPTIONS, LMI_DEFAULT_BATCH_SIZE, EngineMode
+from lmi_operator.fit_status import INSUFFICIENT_GPU_MEMORY, FitReport
 from lmi_operator.render import CONFIG_HASH
 from lmi_operator.render_cache import FETCH_CONTAINER
 from lmi_runtime.errors import ERROR_PREFIX
@@ -48,6 +49,7 @@ DOWNLOAD_FAILED = "DownloadFailed"
 DOWNLOAD_STALLED = "DownloadStalled"
 PROBLEM_REASONS = (
     INVALID_SPEC,
+    INSUFFICIENT_GPU_MEMORY,
     MISSING_SECRET,
     INSUFFICIENT_GPU,
     IMAGE_PULL_FAILED,
@@ -116,6 +118,8 @@ class Observed:
     startup: Mapping[str, Any] | None = None
     # With LoRA: the declared adapters judged from the replicas' answers (adapter_status).
     adapters: AdapterReport | None = None
+    # With GPUs: whether the model fits them (fit_status); None for a CPU model or an unread spec.
+    fit: FitReport | None = None
     now: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
 
 
@@ -270,6 +274,8 @@ def problem_of(obs: Observed) -> Problem | None:
     """The most important reason the model cannot serve as specified, if there is one."""
     if obs.invalid_spec:
         return Problem(INVALID_SPEC, obs.invalid_spec)
+    if obs.fit is not None and obs.fit.insufficient:
+        return Problem(INSUFFICIENT_GPU_MEMORY, str(obs.fit.condition["message"]))
     problems = [p for pod in obs.pods if (p := pod_problem(obs, pod))]
     if not problems:
         return None
@@ -289,8 +295,8 @@ def advisories(obs: Observed) -> list[dict[str, str]]:
 
 
 def conditions_for(obs: Observed) -> list[dict[str, str]]:
-    """The five health conditions, AdaptersReady with LoRA, then the advisories (without timestamps),
-    for what was observed."""
+    """The five health conditions, AdaptersReady with LoRA, FitsGPUMemory with GPUs, then the
+    advisories (without timestamps), for what was observed."""
     replicas, ready, updated, available, current = _deployment_numbers(obs)
     desired = obs.desired_replicas
     problem = problem_of(obs)
@@ -302,6 +308,8 @@ def conditions_for(obs: Observed) -> list[dict[str, str]]:
     progress_reason = ROLLOUT_IN_PROGRESS
     if problem is not None and problem.reason == INVALID_SPEC:
         progress_msg = "spec not applied: fix the spec"
+    elif obs.deployment is None and obs.fit is not None and obs.fit.inspecting:
+        progress_msg = f"inspecting the model: {obs.fit.condition['message']}"
     elif obs.deployment is None:
         progress_msg = "creating the Deployment"
     elif not spec_applied(obs):
@@ -339,6 +347,7 @@ def conditions_for(obs: Observed) -> list[dict[str, str]]:
         # Serving but degraded (say, a Secret deleted under running pods) is not a failed rollout.
         _condition(STALLED, problem is not None and not serving, degraded_c["reason"], degraded_c["message"]),
         *([dict(obs.adapters.condition)] if obs.adapters is not None else []),
+        *([dict(obs.fit.condition)] if obs.fit is not None else []),
         *advisories(obs),
     ]
 
@@ -383,4 +392,5 @@ def build_status(obs: Observed, previous: Mapping[str, Any] | None) -> dict[str,
             if obs.adapters is not None
             else {}
         )
+        | ({"modelFacts": dict(obs.fit.facts)} if obs.fit is not None and obs.fit.facts is not None else {})
     )

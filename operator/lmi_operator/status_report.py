@@ -18,6 +18,7 @@ from lmi_operator.api import API_VERSION, KIND, EngineMode, InvalidLMIModel, LMI
 from lmi_operator.cache import Key, ModelCache, ModelState
 from lmi_operator.engine_options import check_options
 from lmi_operator.events import EventRecorder, Subject
+from lmi_operator.fit_check import FitCheck
 from lmi_operator.gpu_capacity import GpuCapacity
 from lmi_operator.kube import STATUS_FIELD_MANAGER, ApiError, KubeClient, object_path
 from lmi_operator.properties import lmi_options
@@ -86,12 +87,13 @@ class StatusReporter:
         settings: OperatorSettings,
         events: EventRecorder,
         signer: Signer | None = None,
+        fits: FitCheck | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
         self.settings = settings
         self.events = events
-        self.gpus = GpuCapacity(client)
+        self.fits = fits or FitCheck(cache, GpuCapacity(client), settings)
         self.startups = StartupReader()
         self.adapters = AdapterSync(signer or Signer())
         self._reasons: dict[Key, str] = {}
@@ -111,13 +113,14 @@ class StatusReporter:
         # Status read from a partial cache would be rewritten for nothing (then back): see the Deployment.
         await self.cache.read_missing(key, [("apps/v1", "Deployment", key[1])])
         observed = self._observed(key, st, body, obj, options=lmi_options(obj.spec))
+        observed = dataclasses.replace(observed, fit=await self.fits.judge(key, obj))
         runtime = await self.startups.read(key, observed.pods)
         observed = dataclasses.replace(observed, startup=startup_status(observed.pods, runtime))
         if lora_on(obj.spec):
             observed = dataclasses.replace(observed, adapters=self._adapters(key, obj, observed))
         problem = problem_of(observed)
         if problem is not None and problem.reason == INSUFFICIENT_GPU:
-            free = await self.gpus.free_by_node(observed.gpu_resource)
+            free = await self.fits.gpus.free_by_node(observed.gpu_resource)
             observed = dataclasses.replace(observed, free_gpus_by_node=free)
         status = await self._write(key, body, observed)
         if any(server_starting(pod) for pod in observed.pods):
