@@ -59,14 +59,18 @@ async def handle(inputs):
 
 
 @pytest.fixture(scope="module")
-def operator(real_cluster: LocalCluster) -> Iterator[OperatorThread]:
-    """The operator (in this process) with the CRD applied."""
+def operator(real_cluster: LocalCluster, model_image: str) -> Iterator[OperatorThread]:
+    """The operator (in this process) with the CRD applied, its runtime image the one the node has."""
     real_cluster.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds"))
     real_cluster.kubectl("wait", "--for=condition=Established", "crd/lmimodels.serving.lmi.dev")
     # The inspection of GPU models runs on the real node, not on kwok's CPU node (which runs nothing).
     placement = Scheduling.model_validate({"nodeSelector": node_selector(), "tolerations": tolerations()})
     settings = OperatorSettings(
-        leader_election=False, metrics_port=0, health_port=0, inspection_scheduling=placement
+        leader_election=False,
+        metrics_port=0,
+        health_port=0,
+        runtime_image=model_image,
+        inspection_scheduling=placement,
     )
     running = OperatorThread(real_cluster.kubeconfig, settings).start()
     try:

@@ -54,7 +54,9 @@ def facts_document(name: str, source: str = "org/model") -> dict[str, Any]:
 
 
 def test_the_inspection_job_runs_the_model_servers_image_env_and_properties_without_gpus() -> None:
-    obj = model({"resources": {"gpus": 2}, "model": {"id": "org/model", "revision": "v2"}})
+    obj = model(
+        {"resources": {"gpus": 2}, "model": {"id": "org/model", "revision": "v2"}, "image": "team/lmi:1"}
+    )
     rendered = render(obj, SETTINGS, inspect=True)
     server = rendered.by_kind("Deployment")["spec"]["template"]["spec"]  # type: ignore[index]
     job = rendered.by_kind("Job")
@@ -62,7 +64,8 @@ def test_the_inspection_job_runs_the_model_servers_image_env_and_properties_with
     assert job["metadata"]["ownerReferences"][0]["kind"] == "LMIModel"
     pod = job["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["image"] == server["containers"][0]["image"]
+    # The operator's runtime image, whatever image the model runs (it has `inspect`).
+    assert container["image"] == SETTINGS.runtime_image != server["containers"][0]["image"]
     assert container["env"] == server["containers"][0]["env"]
     assert pod["securityContext"] == server["securityContext"]
     assert "nvidia.com/gpu" not in json.dumps(container["resources"])
@@ -200,3 +203,32 @@ def test_a_70b_model_needs_what_the_estimate_says() -> None:
     report = judge(Inspection(facts=facts), engine_of({"tensor_parallel_degree": "1"}, 1), [H100], "j")
     needed = float(report.condition["message"].split("needs ")[1].split(" GiB")[0])
     assert needed * GiB > H100.memory
+
+
+def test_an_inspection_pod_that_cannot_start_is_a_failure_at_once_naming_why() -> None:
+    job = {"metadata": {"name": "j"}, "status": {}}
+    pulling = {
+        "metadata": {"name": "j-x", "labels": {"job-name": "j"}},
+        "status": {
+            "containerStatuses": [{"state": {"waiting": {"reason": "ImagePullBackOff", "message": "no"}}}]
+        },
+    }
+    assert inspection_of(job, [pulling], "org/model", None).error == "pod j-x: ImagePullBackOff: no"
+    creating = {
+        "metadata": {"name": "j-x", "labels": {"job-name": "j"}},
+        "status": {"containerStatuses": [{"state": {"waiting": {"reason": "ContainerCreating"}}}]},
+    }
+    assert inspection_of(job, [creating], "org/model", None) == Inspection(), "that one passes by itself"
+    unschedulable = {
+        "metadata": {"name": "j-x", "labels": {"job-name": "j"}},
+        "status": {
+            "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes"}
+            ]
+        },
+    }
+    error = inspection_of(job, [unschedulable], "org/model", None).error
+    assert error == (
+        "pod j-x cannot be scheduled (0/3 nodes); "
+        "LMI_OPERATOR_INSPECTION_SCHEDULING (chart: operator.inspectionScheduling) places it"
+    )

@@ -28,6 +28,8 @@ INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
 INSPECTING = "Inspecting"
 INSPECTION_FAILED = "InspectionFailed"
 NO_GPU_NODES = "NoGPUNodes"
+# Waiting reasons of the inspection's container that do not pass by themselves.
+STUCK = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"})
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,21 @@ def inspection_of(
     for pod in pods:
         if pod["metadata"].get("labels", {}).get("job-name") != name:
             continue
-        for cs in pod.get("status", {}).get("containerStatuses", []):
+        status = pod.get("status", {})
+        for cs in status.get("containerStatuses", []):
             if (terminated := cs.get("state", {}).get("terminated")) is not None:
                 return read_message(str(terminated.get("message", "")), source, revision)
+            waiting = cs.get("state", {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK:
+                # It would wait out its deadline: the model is deployed now, and says why unjudged.
+                reason, message = waiting["reason"], waiting.get("message", "")
+                return Inspection(error=f"pod {pod['metadata']['name']}: {reason}: {message}".strip())
+        for cond in status.get("conditions", []):
+            if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
+                return Inspection(
+                    error=f"pod {pod['metadata']['name']} cannot be scheduled ({cond.get('message', '')}); "
+                    "LMI_OPERATOR_INSPECTION_SCHEDULING (chart: operator.inspectionScheduling) places it"
+                )
     for cond in job.get("status", {}).get("conditions", []):
         if cond.get("type") == "Failed" and cond.get("status") == "True":
             return Inspection(error=f"Job {name}: {cond.get('reason')}: {cond.get('message', '')}".strip())

@@ -425,7 +425,10 @@ def render(
     objects = [config, *([deployment] if deploy else []), _service(obj)]
     if inspect:
         pod = deployment["spec"]["template"]["spec"]
-        objects.append(render_inspect_job(name, owned_metadata(obj, ""), pod, settings.inspection_scheduling))
+        meta = owned_metadata(obj, "")
+        objects.append(
+            render_inspect_job(name, meta, pod, settings.runtime_image, settings.inspection_scheduling)
+        )
     if cache_claim := claim(obj, settings, owned_metadata(obj, claim_name(name))):
         # Before the Deployment would be better, but pods wait for their claim by themselves.
         objects.append(cache_claim)

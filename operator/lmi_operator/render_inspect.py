@@ -1,7 +1,7 @@
 """The inspection Job: one CPU-only pod that reads the model's config.json and safetensors headers
 (`lmi-runtime inspect`, ranged reads: no weights) before any GPU pod is created (fit_status.py).
 
-It runs the model server's image with the model server's environment (the same model source,
+It runs the operator's runtime image with the model server's environment (the same model source,
 revision, hub token and S3 credentials resolve the same way) and the serving.properties volume,
 and writes its result to /dev/termination-log, which the kubelet copies into the pod's status. Its
 pod does not carry the model label: the model's Service and Deployment never select it."""
@@ -33,11 +33,12 @@ def inspect_job_name(model: str, template: Mapping[str, Any]) -> str:
 
 
 def render_inspect_job(
-    name: str, meta: dict[str, Any], pod_spec: dict[str, Any], scheduling: Scheduling | None
+    name: str, meta: dict[str, Any], pod_spec: dict[str, Any], image: str, scheduling: Scheduling | None
 ) -> dict[str, Any]:
     """The Job inspecting model `name`'s source, with metadata `meta` (the model's namespace and
-    labels, owned by it; named here), built from the model server pod's spec (image, environment,
-    security contexts, service account and the serving.properties volume), placed by the operator's
+    labels, owned by it; named here), built from the model server pod's spec (environment, security
+    contexts, service account and the serving.properties volume), run in the operator's runtime
+    `image` (which has `inspect` whatever spec.image a model runs) and placed by the operator's
     `scheduling` (not the model's: that one is for GPU nodes)."""
     server = pod_spec["containers"][0]
     meta["labels"]["app.kubernetes.io/component"] = "inspection"
@@ -45,7 +46,7 @@ def render_inspect_job(
     config = next(v for v in pod_spec["volumes"] if v["name"] == "lmi-config")
     container = {
         "name": INSPECT_CONTAINER,
-        "image": server["image"],
+        "image": image,
         "args": ["inspect", "--model-dir", MODEL_DIR, "--message-file", TERMINATION_LOG],
         "env": server.get("env", []),
         "volumeMounts": [
