@@ -882,3 +882,17 @@ def test_a_gpu_model_is_inspected_before_its_deployment_and_anew_for_a_new_sourc
     apply(cluster, namespace, model_doc("on-cpu", resources={"gpus": 0}))
     cpu = wait_ready(cluster, namespace, "on-cpu")
     assert condition(cpu, "FitsGPUMemory") == {} and inspection_jobs(cluster, namespace, "on-cpu") == []
+
+
+def test_a_spec_whose_deployment_is_refused_after_a_valid_one_is_reported_and_its_options_go(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    apply(cluster, namespace, model_doc("refused"))
+    assert wait_ready(cluster, namespace, "refused")["status"]["engineOptions"]
+    # The CRD takes any node label value; the Deployment's validation does not.
+    apply(cluster, namespace, model_doc("refused", scheduling={"nodeSelector": {"pool": "not a label!"}}))
+    obj = wait_reason(cluster, namespace, "refused", "InvalidSpec")
+    message = condition(obj, "Ready")["message"]
+    assert message.startswith('the Deployment rendered from the spec was refused: Deployment.apps "refused"')
+    assert "spec.template.spec.nodeSelector" in message
+    assert "engineOptions" not in obj["status"], "an unapplied spec has no options to show"

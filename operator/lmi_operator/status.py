@@ -383,9 +383,15 @@ def build_status(obs: Observed, previous: Mapping[str, Any] | None) -> dict[str,
             "ready": f"{ready}/{obs.desired_replicas}",
             "selector": obs.selector,
             "endpoint": f"http://{obs.name}.{obs.namespace}.svc.cluster.local:{PORT}",
-            "engineOptions": {k: _fit(v) for k, v in sorted(obs.engine_options.items())},
             "conditions": conditions,
         }
+        # Left out rather than empty (an unread or unapplied spec): applied over the options written
+        # before, an empty map would become null, which the schema refuses.
+        | (
+            {"engineOptions": {k: _fit(v) for k, v in sorted(obs.engine_options.items())}}
+            if obs.engine_options
+            else {}
+        )
         | ({"startup": dict(obs.startup)} if obs.startup is not None else {})
         | (
             {"adapters": obs.adapters.adapters, "adaptersLoaded": obs.adapters.loaded}
