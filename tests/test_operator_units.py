@@ -1008,3 +1008,20 @@ def test_memory_is_trimmed_once_the_models_fell_and_held_still(monkeypatch: pyte
     # 150 -> 40 and held still: trimmed once; then 45 -> 30 is 15 below the new peak (under the
     # threshold): not trimmed; a growth alone never trims.
     assert trims == [40], trims
+
+
+def test_the_deletion_of_a_child_replaced_by_one_named_anew_keeps_the_new_one() -> None:
+    cache = ModelCache(
+        kube.KubeClient(kube.Credentials(server="https://127.0.0.1:1")), (), *[lambda _: None] * 3
+    )
+
+    def job(name: str) -> dict[str, Any]:
+        meta = {"name": name, "namespace": "ns", "resourceVersion": "7", "labels": {MODEL_LABEL: "m"}}
+        return {"kind": "Job", "metadata": meta}
+
+    cache.observe_child(job("m-inspect-aaaaaa"), deleted=False)
+    cache.observe_child(job("m-inspect-bbbbbb"), deleted=False)
+    cache.observe_child(job("m-inspect-aaaaaa"), deleted=True)
+    assert cache.models["ns", "m"].children["Job"]["metadata"]["name"] == "m-inspect-bbbbbb"
+    cache.observe_child(job("m-inspect-bbbbbb"), deleted=True)
+    assert ("ns", "m") not in cache.models, "nothing of the model is left to remember"

@@ -210,7 +210,10 @@ class ModelCache:
         st = self.state(key)
         kind = obj["kind"]
         if deleted:
-            st.children.pop(kind, None)
+            # Only that copy: a child named anew (the inspection Job of a new source) may be cached
+            # already when its predecessor's deletion is seen.
+            if (st.children.get(kind) or {}).get("metadata", {}).get("name") == obj["metadata"]["name"]:
+                st.children.pop(kind)
             if self._forget_if_gone(key):
                 return
         elif not_older(obj, st.children.get(kind)):
