@@ -896,3 +896,30 @@ def test_a_spec_whose_deployment_is_refused_after_a_valid_one_is_reported_and_it
     assert message.startswith('the Deployment rendered from the spec was refused: Deployment.apps "refused"')
     assert "spec.template.spec.nodeSelector" in message
     assert "engineOptions" not in obj["status"], "an unapplied spec has no options to show"
+
+
+def test_models_of_one_source_share_one_inspection_and_the_next_oldest_takes_over(
+    cluster: LocalCluster, operator: OperatorThread, namespace: str
+) -> None:
+    names = ["fleet-a", "fleet-b", "fleet-c"]
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all([model_doc(n) for n in names])
+    )
+    for name in names:
+        wait_reason(cluster, namespace, name, "InspectionFailed", ctype="FitsGPUMemory")
+    # One Job for the three: the oldest model's (created in the same second: the first by name).
+    assert [len(inspection_jobs(cluster, namespace, n)) for n in names] == [1, 0, 0]
+    borrowed = condition(get(cluster, namespace, "lmimodel", "fleet-b"), "FitsGPUMemory")
+    assert (
+        "(of model fleet-a, same source)" in borrowed["message"]
+        or "ended without its result" in borrowed["message"]
+    )
+    for name in names:
+        assert get(cluster, namespace, "deployment", name) is not None
+    # A model of another source has its own inspection.
+    apply(cluster, namespace, model_doc("other", model={"id": "Qwen/Qwen2.5-1.5B-Instruct"}))
+    eventually(lambda: len(inspection_jobs(cluster, namespace, "other")) == 1, what="its own Job")
+    # The owner goes: the next oldest inspects (its result was not recorded: it was a failure).
+    cluster.kubectl("delete", "lmimodel", "fleet-a", "-n", namespace)
+    eventually(lambda: len(inspection_jobs(cluster, namespace, "fleet-b")) == 1, what="fleet-b's Job")
+    assert inspection_jobs(cluster, namespace, "fleet-c") == []

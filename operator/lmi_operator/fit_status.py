@@ -44,12 +44,13 @@ class GpuType:
 @dataclass(frozen=True)
 class Inspection:
     """What the inspection says so far: the status.modelFacts document, or why there is none
-    (`error` None and `facts` None: still running). `recorded`: the facts are in the model's status
-    already, and the Job is no longer needed (until then it stays: it is the record)."""
+    (`error` None and `facts` None: still running). `job_needed`: the model's own Job is the one
+    that inspects it; False once the facts are in the model's status, and for a model whose source
+    another model's Job inspects (until then the Job stays: it is the record of its result)."""
 
     facts: Mapping[str, Any] | None = None
     error: str | None = None
-    recorded: bool = False
+    job_needed: bool = True
 
 
 @dataclass(frozen=True)
@@ -145,13 +146,13 @@ def read_message(message: str, source: str, revision: str | None) -> Inspection:
 def judge(inspection: Inspection, engine: Engine, gpus: list[GpuType], job: str) -> FitReport:
     """Judge the model's fit on each GPU type it may land on; the Deployment is held back only while
     the model is inspected and when it fits none of them."""
-    keep = not inspection.recorded
+    keep = inspection.job_needed
     if inspection.facts is None:
         if inspection.error is not None:
             message = f"not judged: {inspection.error}; the Deployment is created without the check"
-            return FitReport(_condition("Unknown", INSPECTION_FAILED, message), None, deploy=True)
+            return FitReport(_condition("Unknown", INSPECTION_FAILED, message), None, True, keep)
         message = f"Job {job} reads config.json and the safetensors headers; the Deployment waits for it"
-        return FitReport(_condition("Unknown", INSPECTING, message), None, deploy=False)
+        return FitReport(_condition("Unknown", INSPECTING, message), None, False, keep)
     facts = facts_of(inspection.facts)
     if not gpus:
         message = "no schedulable node with GPUs to judge against (node pools scaled to zero?)"

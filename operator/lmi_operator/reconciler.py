@@ -46,7 +46,7 @@ class Reconciler:
         signer = Signer()
         self.children = ChildrenApplier(client, self.cache, settings, signer.public_key)
         # One view of the nodes' GPUs for both queues: the Deployment's gate and the status.
-        self.fits = FitCheck(self.cache, GpuCapacity(client), settings)
+        self.fits = FitCheck(self.cache, GpuCapacity(client), settings, notify=self.queue.add)
         self.status = StatusReporter(client, self.cache, settings, EventRecorder(client), signer, self.fits)
         # A replica that finished loading adapters is reported at once.
         self.status.adapters.notify = self.status_queue.add
@@ -88,6 +88,7 @@ class Reconciler:
 
     def _deleted(self, key: Key) -> None:
         self.status.forget(key)
+        self.fits.forget(key)
 
     async def _timed(self, step: str, key: Key, work: Callable[[Key], Awaitable[None]]) -> None:
         started = time.perf_counter()
