@@ -67,7 +67,7 @@ class FitCheck:
             inspection = Inspection(facts=recorded, job_needed=False)
         else:
             share = self._join(key, share_of(key, obj))
-            owner = self._owner(share)
+            owner = self._owner(key, share)
             if owner == key:
                 inspection = await self._own(key, st, job, obj)
                 self._announce(key, share, inspection)
@@ -93,18 +93,18 @@ class FitCheck:
             self._members.setdefault(share, set()).add(key)
         return share
 
-    def _owner(self, share: Share) -> Key:
-        """The oldest cached model of the share (creation time, then name)."""
+    def _owner(self, key: Key, share: Share) -> Key:
+        """The oldest cached model of the share (creation time, then name); `key` is one of them."""
 
         def age(key: Key) -> tuple[str, str]:
             st = self.cache.current(key)
             stamp = str(((st.model if st else None) or {}).get("metadata", {}).get("creationTimestamp", ""))
             return stamp, key[1]
 
-        gone = [k for k in self._members[share] if self.cache.current(k) is None]
+        gone = [k for k in self._members.get(share, ()) if k != key and self.cache.current(k) is None]
         for k in gone:
             self.forget(k)
-        return min(self._members[share], key=age)
+        return min(self._members.get(share, set()) | {key}, key=age)
 
     async def _own(self, key: Key, st: ModelState, job: str, obj: LMIModel) -> Inspection:
         """What this model's own inspection Job says."""
@@ -141,7 +141,8 @@ class FitCheck:
         result = "facts" if inspection.facts is not None else "error" if inspection.error is not None else ""
         if result and self._announced.get(share) != result:
             self._announced[share] = result
-            for member in self._members[share] - {key}:
+            # The share may have been left meanwhile (the queues judge concurrently; reads await).
+            for member in self._members.get(share, set()) - {key}:
                 self.notify(member)
 
     def _job_name(self, st: ModelState, obj: LMIModel) -> str:
