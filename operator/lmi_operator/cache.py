@@ -81,6 +81,11 @@ def slim(obj: Mapping[str, Any]) -> dict[str, Any]:
     return {**obj, "metadata": meta}
 
 
+def pod_copy(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """What is kept of a pod: only its name, labels and status decide anything."""
+    return {"metadata": slim(pod)["metadata"], "status": pod.get("status", {})}
+
+
 def key_of(obj: Mapping[str, Any]) -> Key:
     """(namespace, name) of an object."""
     meta = obj["metadata"]
@@ -235,8 +240,7 @@ class ModelCache:
             if self._forget_if_gone(key):
                 return
         else:
-            # Only the pod's name, labels and status decide anything: keep just those.
-            pods[name] = {"metadata": slim(obj)["metadata"], "status": obj.get("status", {})}
+            pods[name] = pod_copy(obj)
         # An inspection's end decides whether the Deployment may be created: the children's queue.
         (self._on_spec if inspection else self._on_pods)(key)
 
@@ -286,10 +290,7 @@ class ModelCache:
             "items"
         ]:
             if INSPECTS_LABEL in pod["metadata"].get("labels", {}):
-                st.inspection_pods[pod["metadata"]["name"]] = {
-                    "metadata": slim(pod)["metadata"],
-                    "status": pod.get("status", {}),
-                }
+                st.inspection_pods[pod["metadata"]["name"]] = pod_copy(pod)
 
     # -- re-lists -----------------------------------------------------------------------------------
 

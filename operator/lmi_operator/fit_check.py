@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from typing import Any
 
 from lmi_operator.api import LMIModel
 from lmi_operator.cache import Key, ModelCache, ModelState
@@ -32,6 +33,18 @@ def share_of(key: Key, obj: LMIModel) -> Share:
     spec = obj.spec
     parts = [spec.model.model_dump(by_alias=True), [e.model_dump(by_alias=True) for e in spec.env]]
     return key[0], hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _recorded(st: ModelState) -> dict[str, Any] | None:
+    """The status.modelFacts of a cached model, if any."""
+    facts: dict[str, Any] | None = ((st.model or {}).get("status") or {}).get("modelFacts")
+    return facts
+
+
+def _job_named(st: ModelState, name: str) -> dict[str, Any] | None:
+    """The cached inspection Job of a model if it is the one named `name` (not a former source's)."""
+    live = st.children.get("Job")
+    return live if live is not None and live["metadata"]["name"] == name else None
 
 
 class FitCheck:
@@ -61,7 +74,7 @@ class FitCheck:
             return None
         st = self.cache.state(key)
         job = self._job_name(st, obj)
-        recorded = ((st.model or {}).get("status") or {}).get("modelFacts")
+        recorded = _recorded(st)
         source = (spec.model.id, spec.model.revision)
         if source_of(recorded) == source:
             inspection = Inspection(facts=recorded, job_needed=False)
@@ -111,12 +124,12 @@ class FitCheck:
         # Judged from a partial cache (after a restart), a finished inspection would read as
         # running and its verdict would be rewritten for nothing: read what is not cached yet.
         await self.cache.read_missing(key, [("batch/v1", "Job", job)])
-        live = st.children.get("Job")
-        mine = live if live is not None and live["metadata"]["name"] == job else None
+        mine = _job_named(st, job)
         if mine is not None and mine.get("status", {}).get("conditions"):
             await self.cache.read_inspection_pods(key, job)
-        model = obj.spec.model
-        return inspection_of(mine, list(st.inspection_pods.values()), model.id, model.revision)
+        return inspection_of(
+            mine, list(st.inspection_pods.values()), obj.spec.model.id, obj.spec.model.revision
+        )
 
     def _borrowed(self, owner: Key, source: tuple[str, str | None]) -> tuple[Inspection, str]:
         """What the owner of the share knows (its recorded facts, else its Job's result), and what
@@ -126,11 +139,11 @@ class FitCheck:
         named = (
             f"{st.inspect_job[1] if st.inspect_job else 'the inspection'} (of model {owner[1]}, same source)"
         )
-        recorded = ((st.model or {}).get("status") or {}).get("modelFacts")
+        recorded = _recorded(st)
         if source_of(recorded) == source:
             return Inspection(facts=recorded, job_needed=False), named
-        job = st.children.get("Job")
-        if st.inspect_job is None or job is None or job["metadata"]["name"] != st.inspect_job[1]:
+        job = _job_named(st, st.inspect_job[1]) if st.inspect_job else None
+        if job is None:
             return Inspection(job_needed=False), named
         found = inspection_of(job, list(st.inspection_pods.values()), *source)
         error = f"{named}: {found.error}" if found.error is not None else None
