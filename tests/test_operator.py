@@ -860,24 +860,20 @@ def test_a_gpu_model_is_inspected_before_its_deployment_and_anew_for_a_new_sourc
     # The failed inspection stays, as the record of its result; a new source is a new inspection.
     apply(cluster, namespace, model_doc("inspected", model={"id": "Qwen/Qwen2.5-1.5B-Instruct"}))
     first = job["metadata"]["name"]
+    # The new Job is created before the replaced one is deleted: wait for the replaced one to go.
     renewed = eventually(
         lambda: (
-            [
-                j["metadata"]["name"]
-                for j in inspection_jobs(cluster, namespace, "inspected")
-                if not j["metadata"].get("deletionTimestamp")
-            ]
-            or None
+            names
+            if first
+            not in (
+                names := [j["metadata"]["name"] for j in inspection_jobs(cluster, namespace, "inspected")]
+            )
+            and names
+            else None
         ),
-        what="the new inspection",
+        what="the former inspection deleted and the new one there",
     )
     assert len(renewed) == 1 and renewed != [first], renewed
-    eventually(
-        lambda: (
-            first not in [j["metadata"]["name"] for j in inspection_jobs(cluster, namespace, "inspected")]
-        ),
-        what="the former inspection deleted",
-    )
     # A CPU model is not judged against GPUs: no inspection.
     apply(cluster, namespace, model_doc("on-cpu", resources={"gpus": 0}))
     cpu = wait_ready(cluster, namespace, "on-cpu")
