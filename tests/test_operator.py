@@ -399,7 +399,7 @@ def test_a_new_replica_reading_pods_before_the_deployment_rewrites_no_status(
                 fresh.cache.observe_pod(pod, deleted=False)
             fresh.cache.observe_model(model, deleted=False)
             await fresh.report((namespace, "steady"))
-            assert "Deployment" in fresh.cache.models[namespace, "steady"].children
+            assert ("Deployment", "steady") in fresh.cache.models[namespace, "steady"].children
         finally:
             await client.close()
 
@@ -442,7 +442,7 @@ def test_a_relist_forgets_what_was_deleted_while_no_watch_was_open(
             relist(fresh)
             await asyncio.sleep(2)  # the first listing settles: nothing to compare it with
             kept = fresh.cache.models[namespace, "kept"]
-            old_service = kept.children["Service"]["metadata"]["uid"]
+            old_service = kept.children["Service", "kept"]["metadata"]["uid"]
             assert fresh.cache.models[namespace, "dropped"].model is not None
             # Deleted while this replica had no watch open: no event will ever tell it.
             cluster.kubectl("delete", "service", "kept", "-n", namespace)
@@ -450,12 +450,12 @@ def test_a_relist_forgets_what_was_deleted_while_no_watch_was_open(
             relist(fresh)
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                service = kept.children.get("Service")
+                service = kept.children.get(("Service", "kept"))
                 dropped = fresh.cache.models.get((namespace, "dropped"))
                 if service and service["metadata"]["uid"] != old_service and not (dropped and dropped.model):
                     break
                 await asyncio.sleep(0.2)
-            assert kept.children["Service"]["metadata"]["uid"] != old_service, (
+            assert kept.children["Service", "kept"]["metadata"]["uid"] != old_service, (
                 "the deleted Service is still cached"
             )
             dropped = fresh.cache.models.get((namespace, "dropped"))

@@ -964,11 +964,11 @@ def test_a_writes_answer_older_than_the_watched_copy_is_dropped_unless_versions_
     key = ("ns", "m")
     assert key in cache.models, "the child was not attributed to its model by its label"
     cache.written(key, _cm("19", "answer"))
-    assert cache.models[key].children["ConfigMap"]["data"]["v"] == "watched"
+    assert cache.models[key].children["ConfigMap", "m-config"]["data"]["v"] == "watched"
     cache.written(key, _cm("21", "answer"))
-    assert cache.models[key].children["ConfigMap"]["data"]["v"] == "answer"
+    assert cache.models[key].children["ConfigMap", "m-config"]["data"]["v"] == "answer"
     cache.observe_child(_cm("x7", "opaque"), deleted=False)  # incomparable: arrival order wins
-    assert cache.models[key].children["ConfigMap"]["data"]["v"] == "opaque"
+    assert cache.models[key].children["ConfigMap", "m-config"]["data"]["v"] == "opaque"
 
 
 def test_an_answer_after_the_models_deletion_does_not_bring_it_back() -> None:
@@ -1022,6 +1022,6 @@ def test_the_deletion_of_a_child_replaced_by_one_named_anew_keeps_the_new_one() 
     cache.observe_child(job("m-inspect-aaaaaa"), deleted=False)
     cache.observe_child(job("m-inspect-bbbbbb"), deleted=False)
     cache.observe_child(job("m-inspect-aaaaaa"), deleted=True)
-    assert cache.models["ns", "m"].children["Job"]["metadata"]["name"] == "m-inspect-bbbbbb"
+    assert [j["metadata"]["name"] for j in cache.models["ns", "m"].of_kind("Job")] == ["m-inspect-bbbbbb"]
     cache.observe_child(job("m-inspect-bbbbbb"), deleted=True)
     assert ("ns", "m") not in cache.models, "nothing of the model is left to remember"

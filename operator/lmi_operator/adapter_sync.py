@@ -3,11 +3,15 @@
 For every ready replica of a model with LoRA, the operator asks what it serves (GET /lmi/adapters on
 the pod's IP and admin port, signed with the operator's key: lmi_runtime.admin_auth) and sends the
 declared set (PUT) when it differs or an adapter failed there (so a failure is retried at each
-look). None of it waits in the status report: a report reads the last answers and starts a look at
-each replica in the background (one at a time per replica, and no more often than every
-LOOK_INTERVAL_SECONDS unless the declared set changed: a burst of pod events makes one look); a look
-that changes what is known asks for the model's status to be reported again (`notify`). The answers
-feed status.adapters (adapter_status); a replica that does not answer, or refuses the signature, is
+look). A report reads the last answers and starts a look at each replica in the background (one at a
+time per replica, and no more often than every LOOK_INTERVAL_SECONDS unless the declared set
+changed: a burst of pod events makes one look); a look that changes what is known asks for the
+model's status to be reported again (`notify`). Only a replica's first look is awaited, briefly
+(FIRST_ANSWER_WAIT_SECONDS): a replica that just became ready answers in milliseconds, so its report
+carries the answer in one status write instead of two ("loading", then the answer), and each status
+write of a model with adapters costs the API server about 2.5x a plain one
+(bench/status_write_cost.py). A load (PUT) holds a report no longer than that. The answers feed
+status.adapters (adapter_status); a replica that does not answer, or refuses the signature, is
 Unreachable."""
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from lmi_runtime.options import ADMIN_ADAPTERS_PATH, ADMIN_PORT
 READ_TIMEOUT_SECONDS = 2.0
 LOAD_TIMEOUT_SECONDS = 900.0
 LOOK_INTERVAL_SECONDS = 5.0
+FIRST_ANSWER_WAIT_SECONDS = 0.5
 
 
 class AdapterSync:
@@ -42,11 +47,12 @@ class AdapterSync:
         # The declared set each replica was last looked at for, and when that look began.
         self._looked: dict[tuple[Key, str], tuple[dict[str, str], float]] = {}
 
-    def answers(
+    async def answers(
         self, key: Key, declared: Mapping[str, str], pods: Sequence[Mapping[str, Any]]
     ) -> dict[str, Answer | None]:
         """The last answer of each pod (None: no look has finished yet), by pod name; a look at
-        each pod is started unless one is in flight or one began for the same set lately."""
+        each pod is started unless one is in flight or one began for the same set lately, and a
+        pod's first look is awaited for up to FIRST_ANSWER_WAIT_SECONDS."""
         names = {str(p["metadata"]["name"]) for p in pods}
         for gone in [k for k in {*self._answers, *self._looks} if k[0] == key and k[1] not in names]:
             self._answers.pop(gone, None)
@@ -65,6 +71,13 @@ class AdapterSync:
             self._looked[key, name] = (dict(declared), now)
             ip = str(pod["status"]["podIP"])
             self._looks[key, name] = asyncio.create_task(self._look(key, name, ip, dict(declared)))
+        first = [
+            look
+            for name in names
+            if (key, name) not in self._answers and (look := self._looks.get((key, name))) is not None
+        ]
+        if first:
+            await asyncio.wait(first, timeout=FIRST_ANSWER_WAIT_SECONDS)
         return {name: self._answers.get((key, name)) for name in sorted(names)}
 
     async def _look(self, key: Key, pod: str, ip: str, declared: dict[str, str]) -> None:

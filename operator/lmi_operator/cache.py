@@ -117,7 +117,9 @@ class ModelState:
     """What the operator has seen of one LMIModel and its children."""
 
     model: dict[str, Any] | None = None
-    children: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # By (kind, name): a model may have several children of one kind, and a child named anew (the
+    # inspection Job of a new source) is another object than its predecessor.
+    children: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The pods of the inspection Job (render_inspect), apart from the model server's.
     inspection_pods: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -136,7 +138,7 @@ class ModelState:
             return [self.model] if self.model is not None else []
         if kind == "Pod":
             return [*self.pods.values(), *self.inspection_pods.values()]
-        return [self.children[kind]] if kind in self.children else []
+        return [child for (k, _), child in self.children.items() if k == kind]
 
 
 class ModelCache:
@@ -213,16 +215,13 @@ class ModelCache:
         if key is None:
             return
         st = self.state(key)
-        kind = obj["kind"]
+        child = (obj["kind"], obj["metadata"]["name"])
         if deleted:
-            # Only that copy: a child named anew (the inspection Job of a new source) may be cached
-            # already when its predecessor's deletion is seen.
-            if (st.children.get(kind) or {}).get("metadata", {}).get("name") == obj["metadata"]["name"]:
-                st.children.pop(kind)
+            st.children.pop(child, None)
             if self._forget_if_gone(key):
                 return
-        elif not_older(obj, st.children.get(kind)):
-            st.children[kind] = slim(obj)
+        elif not_older(obj, st.children.get(child)):
+            st.children[child] = slim(obj)
         self._on_spec(key)
 
     def observe_pod(self, obj: dict[str, Any], deleted: bool, listed: bool = False) -> None:
@@ -258,8 +257,8 @@ class ModelCache:
         if kind == KIND:
             if not_older(obj, st.model):
                 st.model = slim(obj)
-        elif not_older(obj, st.children.get(kind)):
-            st.children[kind] = slim(obj)
+        elif not_older(obj, st.children.get(child := (kind, obj["metadata"]["name"]))):
+            st.children[child] = slim(obj)
 
     async def read_missing(self, key: Key, wanted: list[tuple[str, str, str]]) -> None:
         """Read the children in `wanted` (apiVersion, kind, name) that are not cached, when they may
@@ -269,13 +268,13 @@ class ModelCache:
         st = self.models.get(key)
         if st is None or st.model is None:
             return
-        missing = [w for w in wanted if w[1] not in st.children]
+        missing = [w for w in wanted if (w[1], w[2]) not in st.children]
         if not missing or not (st.model.get("status") or _created_before(st.model, self.started_at)):
             return
         found = await asyncio.gather(*(self.client.get(object_path(a, k, key[0], n)) for a, k, n in missing))
-        for (_, kind, _), live in zip(missing, found, strict=True):
-            if live is not None and kind not in st.children:
-                st.children[kind] = slim(live)
+        for (_, kind, name), live in zip(missing, found, strict=True):
+            if live is not None and (kind, name) not in st.children:
+                st.children[kind, name] = slim(live)
 
     async def read_inspection_pods(self, key: Key, job: str) -> None:
         """Read the pods of the inspection Job `job` when none is cached: the Job finished (its

@@ -3,7 +3,8 @@
 A child is applied when it is missing, when it was applied from another rendering (the hash
 annotation every rendered child carries differs: so fields removed from the spec leave the child
 too), or when someone edited it by hand since (the rendered fields are no longer contained in it).
-Children the spec no longer asks for (PDB, HPA, cache claim) are deleted."""
+Children the spec no longer asks for (PDB, HPA, cache claim, the inspection Job of a former source)
+are deleted."""
 
 from __future__ import annotations
 
@@ -38,11 +39,6 @@ def drifted(live: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
     return applied != desired["metadata"]["annotations"][APPLIED_HASH] or not contains(live, desired)
 
 
-def _replaced(live: Mapping[str, Any], desired: Mapping[str, Any] | None) -> bool:
-    """Whether `live` is an older copy of a child named anew (the inspection Job of a former source)."""
-    return desired is not None and live["metadata"]["name"] != desired["metadata"]["name"]
-
-
 class ChildrenApplier:
     """Brings one model's children in line with its parsed spec, through the cache's copies."""
 
@@ -68,8 +64,10 @@ class ChildrenApplier:
             key, [(d["apiVersion"], d["kind"], d["metadata"]["name"]) for d in rendered.objects]
         )
         # What may be pruned, as it is before the writes below replace the cache's copies.
-        before = {kind: st.children.get(kind) for kind in OPTIONAL_KINDS}
-        stale = [d for d in rendered.objects if drifted(st.children.get(d["kind"]), d)]
+        before = [child for child in st.children if child[0] in OPTIONAL_KINDS]
+        stale = [
+            d for d in rendered.objects if drifted(st.children.get((d["kind"], d["metadata"]["name"])), d)
+        ]
         # Independent objects: apply them together (a pod waits for its ConfigMap by itself).
         results = await asyncio.gather(*(self.client.apply(d) for d in stale), return_exceptions=True)
         st.apply_error = None
@@ -85,15 +83,11 @@ class ChildrenApplier:
             self.cache.written(key, result)
             if desired["kind"] == "Deployment":
                 st.applied_generation = result["metadata"].get("generation")
-        wanted = {o["kind"] for o in rendered.objects}
-        for kind, api_version in OPTIONAL_KINDS.items():
-            live = before[kind]
-            if live is not None and (kind not in wanted or _replaced(live, rendered.by_kind(kind))):
-                # By the live child's own name: the cache claim is <model>-cache, not <model>.
-                name = live["metadata"]["name"]
-                await self._delete(api_version, kind, key[0], name)
-                if (st.children.get(kind) or {}).get("metadata", {}).get("name") == name:
-                    st.children.pop(kind, None)
+        wanted = {(o["kind"], o["metadata"]["name"]) for o in rendered.objects}
+        for kind, name in before:
+            if (kind, name) not in wanted:
+                await self._delete(OPTIONAL_KINDS[kind], kind, key[0], name)
+                st.children.pop((kind, name), None)
 
     async def _delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:

@@ -41,12 +41,6 @@ def _recorded(st: ModelState) -> dict[str, Any] | None:
     return facts
 
 
-def _job_named(st: ModelState, name: str) -> dict[str, Any] | None:
-    """The cached inspection Job of a model if it is the one named `name` (not a former source's)."""
-    live = st.children.get("Job")
-    return live if live is not None and live["metadata"]["name"] == name else None
-
-
 class FitCheck:
     """Judges models that ask for GPUs; a CPU model (resources.gpus 0) is not judged (None)."""
 
@@ -124,7 +118,7 @@ class FitCheck:
         # Judged from a partial cache (after a restart), a finished inspection would read as
         # running and its verdict would be rewritten for nothing: read what is not cached yet.
         await self.cache.read_missing(key, [("batch/v1", "Job", job)])
-        mine = _job_named(st, job)
+        mine = st.children.get(("Job", job))
         if mine is not None and mine.get("status", {}).get("conditions"):
             await self.cache.read_inspection_pods(key, job)
         return inspection_of(
@@ -142,7 +136,7 @@ class FitCheck:
         recorded = _recorded(st)
         if source_of(recorded) == source:
             return Inspection(facts=recorded, job_needed=False), named
-        job = _job_named(st, st.inspect_job[1]) if st.inspect_job else None
+        job = st.children.get(("Job", st.inspect_job[1])) if st.inspect_job else None
         if job is None:
             return Inspection(job_needed=False), named
         found = inspection_of(job, list(st.inspection_pods.values()), *source)

@@ -4,7 +4,10 @@ Level-based: watch events only update the cache (cache.py) and queue the owning 
 reconcile per key at a time compares desired with observed state and writes only what differs
 (children.py), then the status is reported from what is observed (status_report.py). An unchanged
 world therefore costs no API request at all. Status has its own queue so that a burst of new models
-gets its Deployments first."""
+gets its Deployments first. A pod's events come in bursts (created, scheduled, running and ready
+within milliseconds on a fast node): its model's status is reported POD_EVENTS_SETTLE_SECONDS after
+the first, once for the burst (docs/benchmarks.md). Ready itself follows the Deployment's status,
+which is reported at once."""
 
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from lmi_operator.status_report import StatusReporter, parse
 from lmi_operator.workqueue import WorkQueue
 from lmi_runtime.admin_auth import Signer
 
+POD_EVENTS_SETTLE_SECONDS = 0.2
+
 
 class Reconciler:
     """Holds the cache and reconciles LMIModels from it through the work queues."""
@@ -38,7 +43,7 @@ class Reconciler:
             client,
             settings.namespaces,
             on_spec=self.queue.add,
-            on_pods=self.status_queue.add,
+            on_pods=self._pods_changed,
             on_deleted=self._deleted,
         )
         # Made per process, kept in memory only: a new operator's public key reaches the pods through
@@ -85,6 +90,9 @@ class Reconciler:
     async def _report(self, key: Key) -> None:
         if (again := await self.status.report(key)) is not None:
             self.status_queue.add_after(key, again)
+
+    def _pods_changed(self, key: Key) -> None:
+        self.status_queue.add_after(key, POD_EVENTS_SETTLE_SECONDS)
 
     def _deleted(self, key: Key) -> None:
         self.status.forget(key)

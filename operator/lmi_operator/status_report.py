@@ -117,7 +117,7 @@ class StatusReporter:
         runtime = await self.startups.read(key, observed.pods)
         observed = dataclasses.replace(observed, startup=startup_status(observed.pods, runtime))
         if lora_on(obj.spec):
-            observed = dataclasses.replace(observed, adapters=self._adapters(key, obj, observed))
+            observed = dataclasses.replace(observed, adapters=await self._adapters(key, obj, observed))
         problem = problem_of(observed)
         if problem is not None and problem.reason == INSUFFICIENT_GPU:
             free = await self.fits.gpus.free_by_node(observed.gpu_resource)
@@ -132,11 +132,11 @@ class StatusReporter:
         ready = next(c for c in status["conditions"] if c["type"] == READY)
         return RECHECK_SECONDS if ready["status"] != "True" and st.pods else None
 
-    def _adapters(self, key: Key, obj: LMIModel, observed: Observed) -> AdapterReport:
+    async def _adapters(self, key: Key, obj: LMIModel, observed: Observed) -> AdapterReport:
         """Judge what the ready replicas last answered about the declared adapters (and look again)."""
         wanted = declared(obj.spec)
         ready = [pod for pod in observed.pods if server_ready(pod)]
-        answers = self.adapters.answers(key, wanted, ready)
+        answers = await self.adapters.answers(key, wanted, ready)
         return judge(wanted, [str(p["metadata"]["name"]) for p in ready], answers)
 
     def forget(self, key: Key) -> None:
@@ -180,7 +180,7 @@ class StatusReporter:
             gpus_per_replica=gpus,
             gpu_resource=gpu_resource,
             startup_timeout_seconds=timeout,
-            deployment=st.children.get("Deployment"),
+            deployment=st.children.get(("Deployment", key[1])),
             deployment_generation=st.applied_generation,
             pods=pods,
             invalid_spec=invalid,
