@@ -85,13 +85,20 @@ class FitCheck:
         return judge(inspection, engine_of(lmi_options(spec), spec.resources.gpus), types, job)
 
     def forget(self, key: Key) -> None:
-        """`key` no longer takes part in any share (deleted, or a CPU model now)."""
+        """`key` no longer takes part in any share (deleted, another source, or a CPU model now). If
+        it owned the share's inspection, the next oldest member is queued to take it over: nothing
+        else would tell it (the Job that goes with the owner is the owner's child, not its). A
+        deleted model's age is no longer known: its leaving always queues the oldest one left."""
         if (share := self._share.pop(key, None)) is not None:
             members = self._members.get(share, set())
             members.discard(key)
             if not members:
                 self._members.pop(share, None)
                 self._announced.pop(share, None)
+            elif self._age(key) < min(map(self._age, members)):
+                # The new owner's result is announced anew, whatever the former owner's was.
+                self._announced.pop(share, None)
+                self.notify(min(members, key=self._age))
 
     def _join(self, key: Key, share: Share) -> Share:
         if self._share.get(key) != share:
@@ -100,18 +107,19 @@ class FitCheck:
             self._members.setdefault(share, set()).add(key)
         return share
 
+    def _age(self, key: Key) -> tuple[str, str]:
+        """What orders a share's members: creation time, then name (a model no longer cached, as
+        one just deleted, sorts by its name alone, before the others)."""
+        st = self.cache.current(key)
+        stamp = str(((st.model if st else None) or {}).get("metadata", {}).get("creationTimestamp", ""))
+        return stamp, key[1]
+
     def _owner(self, key: Key, share: Share) -> Key:
         """The oldest cached model of the share (creation time, then name); `key` is one of them."""
-
-        def age(key: Key) -> tuple[str, str]:
-            st = self.cache.current(key)
-            stamp = str(((st.model if st else None) or {}).get("metadata", {}).get("creationTimestamp", ""))
-            return stamp, key[1]
-
         gone = [k for k in self._members.get(share, ()) if k != key and self.cache.current(k) is None]
         for k in gone:
             self.forget(k)
-        return min(self._members.get(share, set()) | {key}, key=age)
+        return min(self._members.get(share, set()) | {key}, key=self._age)
 
     async def _own(self, key: Key, st: ModelState, job: str, obj: LMIModel) -> Inspection:
         """What this model's own inspection Job says."""
