@@ -149,7 +149,7 @@ class FitCheck:
             return Inspection(job_needed=False), named
         found = inspection_of(job, list(st.inspection_pods.values()), *source)
         error = f"{named}: {found.error}" if found.error is not None else None
-        return Inspection(found.facts, error, job_needed=False), named
+        return Inspection(found.facts, error, job_needed=False, waiting=found.waiting), named
 
     def _announce(self, key: Key, share: Share, inspection: Inspection) -> None:
         """Queue the models waiting for this owner's result, once per result."""

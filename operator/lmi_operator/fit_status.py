@@ -51,6 +51,8 @@ class Inspection:
     facts: Mapping[str, Any] | None = None
     error: str | None = None
     job_needed: bool = True
+    # Why a running inspection waits (its pod cannot be scheduled yet), for the Inspecting message.
+    waiting: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ def inspection_of(
     if job is None:
         return Inspection()
     name = job["metadata"]["name"]
+    # Unschedulable may pass by itself (a node short of CPU for now): the inspection waits, saying
+    # why, until the scheduler places the pod or the Job's deadline fails it.
+    unschedulable: str | None = None
     for pod in pods:
         if pod["metadata"].get("labels", {}).get("job-name") != name:
             continue
@@ -112,14 +117,15 @@ def inspection_of(
                 return Inspection(error=f"pod {pod['metadata']['name']}: {reason}: {message}".strip())
         for cond in status.get("conditions", []):
             if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
-                return Inspection(
-                    error=f"pod {pod['metadata']['name']} cannot be scheduled ({cond.get('message', '')}); "
+                unschedulable = (
+                    f"pod {pod['metadata']['name']} cannot be scheduled ({cond.get('message', '')}); "
                     "LMI_OPERATOR_INSPECTION_SCHEDULING (chart: operator.inspectionScheduling) places it"
                 )
     for cond in job.get("status", {}).get("conditions", []):
         if cond.get("type") == "Failed" and cond.get("status") == "True":
-            return Inspection(error=f"Job {name}: {cond.get('reason')}: {cond.get('message', '')}".strip())
-    return Inspection()
+            failed = f"Job {name}: {cond.get('reason')}: {cond.get('message', '')}".strip()
+            return Inspection(error=f"{failed}; {unschedulable}" if unschedulable else failed)
+    return Inspection(waiting=unschedulable)
 
 
 def read_message(message: str, source: str, revision: str | None) -> Inspection:
@@ -152,6 +158,8 @@ def judge(inspection: Inspection, engine: Engine, gpus: list[GpuType], job: str)
             message = f"not judged: {inspection.error}; the Deployment is created without the check"
             return FitReport(_condition("Unknown", INSPECTION_FAILED, message), None, True, keep)
         message = f"Job {job} reads config.json and the safetensors headers; the Deployment waits for it"
+        if inspection.waiting is not None:
+            message += f": {inspection.waiting}"
         return FitReport(_condition("Unknown", INSPECTING, message), None, False, keep)
     facts = facts_of(inspection.facts)
     if not gpus:
