@@ -67,6 +67,9 @@ class Invalid:
 
 
 ADAPTER = {"name": "sql", "source": "yard1/llama-2-7b-sql-lora-test"}
+PRODUCT = "nvidia.com/gpu.product"
+L4_PROFILE = {"name": "l4", "gpu": {"product": "NVIDIA-L4"}}
+L40S_PROFILE = {"name": "l40s", "gpu": {"nodeSelector": {"pool": "l40s"}}}
 INVALID: list[Invalid] = [
     Invalid(
         "quantize-unknown",
@@ -372,6 +375,110 @@ INVALID: list[Invalid] = [
     Invalid(
         "name-not-a-dns-label", {}, "metadata.name", "must be a DNS-1035 label", metadata={"name": "llama.3"}
     ),
+    Invalid(
+        "profiles-on-cpu",
+        {"resources": {"gpus": 0}, "profiles": [L4_PROFILE]},
+        "spec.profiles",
+        "profiles need resources.gpus of at least 1: a model on CPU",
+    ),
+    Invalid(
+        "profile-names-repeat",
+        {"profiles": [L4_PROFILE, {**L4_PROFILE, "gpu": {"product": "NVIDIA-L40S"}}]},
+        "spec.profiles",
+        "Duplicate value",
+        "profiles names must be unique",
+    ),
+    Invalid(
+        "profiles-too-many",
+        {"profiles": [{**L4_PROFILE, "name": f"p{i}"} for i in range(9)]},
+        "spec.profiles",
+        "must have at most 8 items",
+        "at most 8 items",
+    ),
+    Invalid(
+        "profile-name-uppercase",
+        {"profiles": [{**L4_PROFILE, "name": "L4"}]},
+        "spec.profiles[0].name",
+        "should match",
+        "String should match pattern",
+    ),
+    Invalid(
+        "profile-name-too-long",
+        {"profiles": [{**L4_PROFILE, "name": "a" * 21}]},
+        "spec.profiles[0].name",
+        "Too long",
+        "at most 20 characters",
+    ),
+    Invalid(
+        "profile-gpu-unselected",
+        {"profiles": [{"name": "any", "gpu": {"nodeSelector": {}}}]},
+        "spec.profiles[0].gpu",
+        "profiles[].gpu needs product or nodeSelector",
+    ),
+    Invalid(
+        "profile-gpu-product-twice",
+        {
+            "profiles": [
+                {"name": "l4", "gpu": {"product": "NVIDIA-L4", "nodeSelector": {PRODUCT: "NVIDIA-L4"}}}
+            ]
+        },
+        "spec.profiles[0].gpu.nodeSelector",
+        f"may not set {PRODUCT}: profiles[].gpu.product sets it",
+    ),
+    Invalid(
+        "profile-gpus-zero",
+        {"profiles": [{**L4_PROFILE, "resources": {"gpus": 0}}]},
+        "spec.profiles[0].resources.gpus",
+        "greater than or equal to 1",
+    ),
+    Invalid(
+        "profile-engine-pipeline-stages",
+        {"profiles": [{**L4_PROFILE, "engine": {"pipelineParallelDegree": 2}}]},
+        "spec.profiles[0].engine.pipelineParallelDegree",
+        "unknown field",
+        "Extra inputs are not permitted",
+    ),
+    Invalid(
+        "profile-engine-quantize-unknown",
+        {"profiles": [{**L4_PROFILE, "engine": {"quantize": "int3"}}]},
+        "spec.profiles[0].engine.quantize",
+        'Unsupported value: "int3"',
+        "Input should be 'fp8'",
+    ),
+    Invalid(
+        "profile-gpus-not-tp",
+        {"engine": {"tensorParallelDegree": 1}, "profiles": [{**L4_PROFILE, "resources": {"gpus": 4}}]},
+        "spec.profiles",
+        "profiles[l4].engine.tensorParallelDegree x engine.pipelineParallelDegree must equal resources.gpus",
+    ),
+    Invalid(
+        "profile-tp-not-gpus",
+        {
+            "resources": {"gpus": 2},
+            "profiles": [L4_PROFILE, {**L40S_PROFILE, "engine": {"tensorParallelDegree": 4}}],
+        },
+        "spec.profiles",
+        "profiles[l40s].engine.tensorParallelDegree x engine.pipelineParallelDegree must equal",
+    ),
+    Invalid(
+        "profile-gpus-not-multiple-of-pp",
+        {
+            "engine": {"pipelineParallelDegree": 2},
+            "resources": {"gpus": 2},
+            "profiles": [{**L4_PROFILE, "resources": {"gpus": 3}}],
+        },
+        "spec.profiles",
+        "profiles[l4].resources.gpus must be a multiple of engine.pipelineParallelDegree when",
+    ),
+    Invalid(
+        "profile-batch-above-prefill",
+        {
+            "engine": {"maxRollingBatchPrefillTokens": 64},
+            "profiles": [{**L4_PROFILE, "engine": {"maxRollingBatchSize": 128}}],
+        },
+        "spec.profiles",
+        "profiles[l4].engine.maxRollingBatchSize must not exceed engine.maxRollingBatchPrefillTokens",
+    ),
 ]
 
 
@@ -412,7 +519,10 @@ def test_there_are_at_least_30_invalid_cases_and_8_cel_rules() -> None:
 def test_every_rule_message_names_a_field() -> None:
     for path, rule in api.iter_rules():
         first_word = rule.message.split()[0]
-        assert "." in first_word or first_word in ("handler", "autoscaling", "env"), (path, rule.message)
+        assert "." in first_word or first_word in ("handler", "autoscaling", "env", "profiles"), (
+            path,
+            rule.message,
+        )
 
 
 def test_tensor_parallel_max_resolves_to_gpus_over_pipeline_stages() -> None:

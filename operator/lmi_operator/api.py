@@ -18,8 +18,10 @@ from typing import Annotated, Any, ClassVar, Literal, Self, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from lmi_operator.capacity import GPU_PRODUCT_LABEL
 from lmi_runtime import options as lmi
 
 GROUP = "serving.lmi.dev"
@@ -211,6 +213,7 @@ _OBJECT_DEFAULT: dict[str, Any] = {"default": {}}
 Quantity = StrictInt | Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)]
 IntOrPercent = Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=PERCENT_PATTERN, max_length=4)]
 ResourceName = Annotated[str, Field(pattern=DNS1123_SUBDOMAIN_PATTERN, max_length=253)]
+TensorParallelDegree = Annotated[int, Field(ge=1)] | Literal["max"]
 
 
 # --- spec.model --------------------------------------------------------------------------------
@@ -362,7 +365,7 @@ class Engine(_Object):
         ),
     )
 
-    tensor_parallel_degree: Annotated[int, Field(ge=1)] | Literal["max"] = Field(
+    tensor_parallel_degree: TensorParallelDegree = Field(
         lmi.DEFAULT_TENSOR_PARALLEL_DEGREE,
         description=(
             "GPUs one model copy is split across (LMI option.tensor_parallel_degree, vLLM "
@@ -680,6 +683,102 @@ class Scheduling(_Object):
     priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the pods.")
 
 
+# --- spec.profiles -------------------------------------------------------------------------------
+
+# A profile's name ends its Deployment's name (<model>-<name>), so it is a short DNS label.
+PROFILE_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+LABEL_VALUE_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+
+class ProfileGPU(_Object):
+    """The nodes of the profile: those with a GPU product, those with some labels, or both."""
+
+    lmi_rules = (
+        Rule(
+            cel="has(self.product) || (has(self.nodeSelector) && size(self.nodeSelector) > 0)",
+            message="profiles[].gpu needs product or nodeSelector",
+            check=lambda g: g.product is not None or bool(g.node_selector),
+            reason="FieldValueRequired",
+        ),
+        Rule(
+            cel=(
+                "!has(self.product) || !has(self.nodeSelector) || "
+                f"!('{GPU_PRODUCT_LABEL}' in self.nodeSelector)"
+            ),
+            message=f"profiles[].gpu.nodeSelector may not set {GPU_PRODUCT_LABEL}: profiles[].gpu.product "
+            "sets it",
+            check=lambda g: g.product is None or GPU_PRODUCT_LABEL not in g.node_selector,
+            field_path=".nodeSelector",
+            reason="FieldValueForbidden",
+        ),
+    )
+
+    product: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=LABEL_VALUE_PATTERN,
+        description=f"The GPU type: the value of the node label {GPU_PRODUCT_LABEL} (set by GPU feature "
+        "discovery), e.g. NVIDIA-H100-80GB-HBM3.",
+    )
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Node labels the profile's pods require, on top of spec.scheduling.nodeSelector (a key "
+        "in both takes this value).",
+    )
+
+    def node_labels(self) -> dict[str, str]:
+        """The node labels the profile's pods require: nodeSelector and the product label."""
+        product = {GPU_PRODUCT_LABEL: self.product} if self.product is not None else {}
+        return {**self.node_selector, **product}
+
+
+class ProfileResources(_Object):
+    """GPUs of one replica on the profile."""
+
+    gpus: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="GPUs of one replica on the profile, in place of spec.resources.gpus; must equal "
+        "tensorParallelDegree x engine.pipelineParallelDegree (the profile's, else the spec's).",
+    )
+
+
+def _engine_field(name: str) -> Any:
+    """spec.engine's field `name` as a profile override: the same bounds and description, unset by
+    default (the spec's value applies)."""
+    return FieldInfo.merge_field_infos(Engine.model_fields[name], default=None)
+
+
+class ProfileEngine(_Object):
+    """Engine settings of the profile's replicas, in place of spec.engine's (unset: spec.engine's)."""
+
+    tensor_parallel_degree: TensorParallelDegree | None = _engine_field("tensor_parallel_degree")
+    quantize: Quantize | None = _engine_field("quantize")
+    max_model_len: int | None = _engine_field("max_model_len")
+    max_rolling_batch_size: int | None = _engine_field("max_rolling_batch_size")
+    gpu_memory_utilization: float | None = _engine_field("gpu_memory_utilization")
+
+
+class Profile(_Object):
+    """A GPU type the model may run on, with the settings that suit it."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=20,
+        pattern=PROFILE_NAME_PATTERN,
+        description="Name of the profile (lowercase letters, digits and '-'); the Deployment of its "
+        "replicas is named <model>-<name>.",
+    )
+    gpu: ProfileGPU = Field(description=ProfileGPU.__doc__)
+    resources: ProfileResources = Field(
+        default_factory=ProfileResources, description=ProfileResources.__doc__
+    )
+    engine: ProfileEngine = Field(default_factory=ProfileEngine, description=ProfileEngine.__doc__)
+
+
 # --- spec.env ----------------------------------------------------------------------------------
 
 
@@ -939,6 +1038,70 @@ def _single_replica_claim(spec: LMIModelSpec) -> bool:
     return spec.replicas <= 1 and (spec.autoscaling is None or spec.autoscaling.max_replicas <= 1)
 
 
+def _parallelism_fills_gpus(spec: LMIModelSpec) -> bool:
+    """engine.tensorParallelDegree x engine.pipelineParallelDegree == resources.gpus (GPU models, integer
+    tensorParallelDegree)."""
+    tp = spec.engine.tensor_parallel_degree
+    pp = spec.engine.pipeline_parallel_degree
+    return spec.resources.gpus == 0 or isinstance(tp, str) or tp * pp == spec.resources.gpus
+
+
+def _gpus_split_into_stages(spec: LMIModelSpec) -> bool:
+    """resources.gpus is a multiple of engine.pipelineParallelDegree (GPU models with
+    tensorParallelDegree max)."""
+    return (
+        spec.resources.gpus == 0
+        or isinstance(spec.engine.tensor_parallel_degree, int)
+        or spec.resources.gpus % spec.engine.pipeline_parallel_degree == 0
+    )
+
+
+_ProfileCheck = Callable[["LMIModelSpec", "Profile"], bool]
+
+
+def _profiles_breaking(spec: LMIModelSpec, holds: _ProfileCheck) -> list[str]:
+    """Names of the profiles of `spec` for which `holds` is false."""
+    return [profile.name for profile in spec.profiles if not holds(spec, profile)]
+
+
+# CEL of profile p's value of a field: its own, else the spec's (p.engine and p.resources may be absent).
+_PROFILE_TP = (
+    "((has(p.engine) && has(p.engine.tensorParallelDegree)) ? p.engine.tensorParallelDegree "
+    ": self.engine.tensorParallelDegree)"
+)
+_PROFILE_GPUS = "((has(p.resources) && has(p.resources.gpus)) ? p.resources.gpus : self.resources.gpus)"
+# The spec's rules on parallelism with the profile's values, guards included (as _parallelism_fills_gpus
+# and _gpus_split_into_stages).
+_PROFILE_TP_FILLS_GPUS = (
+    f"{_PROFILE_GPUS} == 0 || type({_PROFILE_TP}) == string || "
+    f"{_PROFILE_TP} * self.engine.pipelineParallelDegree == {_PROFILE_GPUS}"
+)
+_PROFILE_GPUS_SPLIT = (
+    f"{_PROFILE_GPUS} == 0 || type({_PROFILE_TP}) == int || "
+    f"{_PROFILE_GPUS} % self.engine.pipelineParallelDegree == 0"
+)
+_PROFILE_BATCH_FITS_PREFILL = (
+    "!has(p.engine) || !has(p.engine.maxRollingBatchSize) || "
+    "p.engine.maxRollingBatchSize <= self.engine.maxRollingBatchPrefillTokens"
+)
+_OWN_ELSE_SPEC = "(the profile's own values, else the spec's)"
+
+
+def _profile_rule(cel: str, problem: str, holds: _ProfileCheck) -> Rule:
+    """A rule every profile must keep: `cel` checks one profile `p` in CEL, `holds` in Python; `problem`
+    is the message after the profile's path, profiles[] in the static message, profiles[<name>] of the
+    first offender in the others."""
+    assert '"' not in problem, "problem sits in a double-quoted CEL string"
+    return Rule(
+        cel=f"!has(self.profiles) || self.profiles.all(p, {cel})",
+        message=f"profiles[].{problem}",
+        message_expression=f'"profiles[" + self.profiles.filter(p, !({cel}))[0].name + "].{problem}"',
+        check=lambda s: not _profiles_breaking(s, holds),
+        explain=lambda s: f"profiles[{_profiles_breaking(s, holds)[0]}].{problem}",
+        field_path=".profiles",
+    )
+
+
 # --- spec ----------------------------------------------------------------------------------------
 
 
@@ -952,11 +1115,7 @@ class LMIModelSpec(_Object):
                 "self.engine.tensorParallelDegree * self.engine.pipelineParallelDegree == self.resources.gpus"
             ),
             message="engine.tensorParallelDegree x engine.pipelineParallelDegree must equal resources.gpus",
-            check=lambda s: (
-                s.resources.gpus == 0
-                or isinstance(s.engine.tensor_parallel_degree, str)
-                or s.engine.tensor_parallel_degree * s.engine.pipeline_parallel_degree == s.resources.gpus
-            ),
+            check=_parallelism_fills_gpus,
             field_path=".engine.tensorParallelDegree",
         ),
         Rule(
@@ -966,11 +1125,7 @@ class LMIModelSpec(_Object):
             ),
             message="resources.gpus must be a multiple of engine.pipelineParallelDegree when "
             "engine.tensorParallelDegree is max",
-            check=lambda s: (
-                s.resources.gpus == 0
-                or isinstance(s.engine.tensor_parallel_degree, int)
-                or s.resources.gpus % s.engine.pipeline_parallel_degree == 0
-            ),
+            check=_gpus_split_into_stages,
             field_path=".engine.pipelineParallelDegree",
         ),
         Rule(
@@ -1018,6 +1173,44 @@ class LMIModelSpec(_Object):
             field_path=".env",
             reason="FieldValueDuplicate",
         ),
+        Rule(
+            cel="!has(self.profiles) || size(self.profiles) == 0 || self.resources.gpus > 0",
+            message="profiles need resources.gpus of at least 1: a model on CPU (resources.gpus 0) has no "
+            "GPU profiles",
+            check=lambda s: not s.profiles or s.resources.gpus > 0,
+            field_path=".profiles",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            cel=None,  # x-kubernetes-list-type=map with key name
+            message="profiles names must be unique",
+            check=lambda s: _unique(s.profiles, "name"),
+            field_path=".profiles",
+            reason="FieldValueDuplicate",
+        ),
+        # The spec's own rules that a profile's overrides could break, on the profile's replicas' spec.
+        _profile_rule(
+            _PROFILE_TP_FILLS_GPUS,
+            "engine.tensorParallelDegree x engine.pipelineParallelDegree must equal resources.gpus "
+            + _OWN_ELSE_SPEC,
+            lambda s, p: _parallelism_fills_gpus(s.for_profile(p)),
+        ),
+        _profile_rule(
+            _PROFILE_GPUS_SPLIT,
+            "resources.gpus must be a multiple of engine.pipelineParallelDegree when "
+            f"engine.tensorParallelDegree is max {_OWN_ELSE_SPEC}",
+            lambda s, p: _gpus_split_into_stages(s.for_profile(p)),
+        ),
+        # Only an override: the spec's own batch size is engine's rule.
+        _profile_rule(
+            f"!has(self.engine.maxRollingBatchPrefillTokens) || {_PROFILE_BATCH_FITS_PREFILL}",
+            "engine.maxRollingBatchSize must not exceed engine.maxRollingBatchPrefillTokens",
+            lambda s, p: (
+                s.engine.max_rolling_batch_prefill_tokens is None
+                or p.engine.max_rolling_batch_size is None
+                or p.engine.max_rolling_batch_size <= s.engine.max_rolling_batch_prefill_tokens
+            ),
+        ),
     )
 
     model: ModelSource = Field(description="The model to serve.")
@@ -1036,6 +1229,17 @@ class LMIModelSpec(_Object):
         None, max_length=1024, description="Runtime image; defaults to the operator's configured image."
     )
     scheduling: Scheduling | None = Field(None, description=Scheduling.__doc__)
+    profiles: list[Profile] = Field(
+        default_factory=list,
+        max_length=8,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="GPU types the model may run on, most preferred first, each with the engine settings "
+        "and GPUs that suit it. A replica runs on the first profile whose GPU holds the model (the memory "
+        "estimate) and that has free GPUs for it; replicas of one model may run on different profiles (one "
+        "Deployment per profile behind the model's Service), and replicas on a fallback profile move back "
+        "when the preferred one has room, without dropping below the ready replicas asked for. Empty: "
+        "every replica runs with the spec's own settings on the nodes spec.scheduling admits.",
+    )
     env: list[EnvVar] = Field(
         default_factory=list,
         max_length=64,
@@ -1066,6 +1270,24 @@ class LMIModelSpec(_Object):
         if isinstance(tp, int):
             return tp
         return max(1, self.resources.gpus // self.engine.pipeline_parallel_degree)
+
+    def for_profile(self, profile: Profile) -> LMIModelSpec:
+        """The spec of a replica on `profile`: the profile's engine settings and GPUs in place of the
+        spec's, its node labels added to scheduling.nodeSelector (winning over the spec's), and no
+        profiles, so that rendering and the capacity estimate treat it as a spec of its own. Not
+        validated again: the profile rules of `LMIModelSpec` check what the overrides could break.
+        Nested objects the profile does not touch are shared with this spec."""
+        scheduling = self.scheduling or Scheduling()
+        updates = {
+            "engine": self.engine.model_copy(update=profile.engine.model_dump(exclude_none=True)),
+            "scheduling": scheduling.model_copy(
+                update={"node_selector": {**scheduling.node_selector, **profile.gpu.node_labels()}}
+            ),
+            "profiles": [],
+        }
+        if profile.resources.gpus is not None:
+            updates["resources"] = self.resources.model_copy(update={"gpus": profile.resources.gpus})
+        return self.model_copy(update=updates)
 
 
 # --- status --------------------------------------------------------------------------------------
