@@ -559,6 +559,32 @@ def test_gpu_models_are_inspected_first_and_one_that_fits_no_gpu_creates_no_pods
     assert get(real_cluster, namespace, "deployment", "big") == {}
     assert pods(real_cluster, namespace, "big") == [], "no model server pod for a model that fits nothing"
 
+    # The same model with two GPU profiles, neither of which fits: each profile's numbers, no pod.
+    doc = gpu_model("big-profiles", model_image, "s3://models/llama-70b", bucket, 8192)
+    doc["spec"]["profiles"] = [
+        {"name": "h100", "gpu": {"product": "NVIDIA-H100-80GB-HBM3"}},
+        {"name": "a10g", "gpu": {"product": "NVIDIA-A10G"}, "engine": {"quantize": "fp8"}},
+    ]
+    apply(real_cluster, namespace, doc)
+    with explained(real_cluster, namespace, "big-profiles"):
+        obj = eventually(
+            lambda: judged("big-profiles", "False"), timeout=240, interval=2, what="profiles judged"
+        )
+    h100_only = judge(Inspection(facts=obj["status"]["modelFacts"]), engine, [h100], "")
+    fp8 = engine_of({**obj["status"]["engineOptions"], "quantize": "fp8"}, 1)
+    a10g_fp8 = judge(Inspection(facts=obj["status"]["modelFacts"]), fp8, [a10g], "")
+    ready = condition(obj, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InsufficientGPUMemory")
+    assert ready["message"] == (
+        f"no profile fits: profile h100: {h100_only.condition['message']}; "
+        f"profile a10g: {a10g_fp8.condition['message']}"
+    )
+    assert [row["reason"] for row in obj["status"]["profiles"]] == ["InsufficientGPUMemory"] * 2
+    assert "profile" not in obj["status"]
+    for deployment in ("big-profiles", "big-profiles-h100", "big-profiles-a10g"):
+        assert get(real_cluster, namespace, "deployment", deployment) == {}
+    assert pods(real_cluster, namespace, "big-profiles") == [], "no pod for a model that fits no profile"
+
 
 # --- LoRA adapters that converge without restarts ------------------------------------------------
 

@@ -90,7 +90,14 @@ def wait_ready(cluster: LocalCluster, namespace: str, name: str) -> dict[str, An
 
 @pytest.mark.parametrize(
     "example",
-    ["llama-3-8b.yaml", "gpt-neox-20b.yaml", "custom-handler.yaml", "autoscaling.yaml", "lora.yaml"],
+    [
+        "llama-3-8b.yaml",
+        "gpt-neox-20b.yaml",
+        "custom-handler.yaml",
+        "autoscaling.yaml",
+        "lora.yaml",
+        "gpu-profiles.yaml",
+    ],
 )
 def test_children_are_exactly_the_rendered_objects(
     cluster: LocalCluster, operator: OperatorThread, namespace: str, example: str

@@ -191,18 +191,27 @@ def observed(**kw: Any) -> Observed:
         "gpus_per_replica": 2,
         "gpu_resource": "nvidia.com/gpu",
         "startup_timeout_seconds": 600,
-        "deployment": {
-            "metadata": {"generation": 5},
-            "status": {
-                "observedGeneration": 5,
-                "replicas": 1,
-                "readyReplicas": 1,
-                "updatedReplicas": 1,
-                "availableReplicas": 1,
-            },
+        "deployments": {
+            "m": {
+                "metadata": {"generation": 5},
+                "status": {
+                    "observedGeneration": 5,
+                    "replicas": 1,
+                    "readyReplicas": 1,
+                    "updatedReplicas": 1,
+                    "availableReplicas": 1,
+                },
+            }
         },
         "now": NOW,
     }
+    # One Deployment, the model's own (`deployment`, `deployment_generation`, `config_hash`).
+    if "deployment" in kw:
+        kw["deployments"] = {"m": kw.pop("deployment")}
+    if "deployment_generation" in kw:
+        kw["deployment_generations"] = {"m": kw.pop("deployment_generation")}
+    if "config_hash" in kw:
+        kw["config_hashes"] = {"m": kw.pop("config_hash")}
     return Observed(**(base | kw))
 
 
@@ -243,8 +252,7 @@ def test_available_and_rollout_conditions() -> None:
 def test_a_spec_not_yet_applied_is_never_ready() -> None:
     # The status worker can run before the children worker after a spec change: the live Deployment,
     # fully rolled out, still carries the previous generation's pod template.
-    rolled_out = observed().deployment
-    assert rolled_out is not None
+    rolled_out = observed().deployments["m"]
     old = {**rolled_out, "spec": {"template": {"metadata": {"annotations": {CONFIG_HASH: "old"}}}}}
     stale = observed(deployment=old, config_hash="new")
     assert reasons(stale)["Ready"] == ("False", "Applying")

@@ -9,7 +9,11 @@ from typing import Any
 import pytest
 
 from lmi_operator import api, crd
-from lmi_operator.profile_plan import ProfileObservation, plan_profiles
+from lmi_operator.fit_status import FitReport, combine
+from lmi_operator.profile_check import profile_status, settled
+from lmi_operator.profile_plan import ProfileObservation, ProfilePlan, plan_profiles
+from lmi_operator.render import PROFILE_LABEL, render
+from lmi_operator.settings import OperatorSettings
 from tests.test_api_models import BASE, merged
 
 PRODUCT = "nvidia.com/gpu.product"
@@ -268,3 +272,143 @@ def test_scaling_up_and_down_over_the_simulated_cluster() -> None:
     assert history[-1] == {"h100": 2, "l40s": 3, "t4": 0}
     history = simulate(2, pools, {}, steps=6)
     assert history[0] == {"h100": 2, "l40s": 0, "t4": 0}, "the fallback's replicas go first"
+
+
+# --- rendering, the fit and the status of profiles ----------------------------------------------
+
+
+def profiled(**spec: Any) -> api.LMIModel:
+    body = merged(
+        BASE,
+        {
+            "metadata": {"uid": "u1", "namespace": "ns"},
+            "spec": {
+                "replicas": 3,
+                "profiles": [
+                    {"name": "h100", "gpu": {"product": "NVIDIA-H100-80GB-HBM3"}},
+                    {
+                        "name": "a10g",
+                        "gpu": {"product": "NVIDIA-A10G"},
+                        "resources": {"gpus": 2},
+                        "engine": {"tensorParallelDegree": 2, "quantize": "fp8"},
+                    },
+                ],
+                **spec,
+            },
+        },
+    )
+    return api.parse_lmimodel(body)
+
+
+def test_each_profile_renders_its_own_config_and_deployment_behind_one_service() -> None:
+    obj = profiled()
+    name = str(obj.metadata.name)
+    rendered = render(obj, OperatorSettings(), replicas={"h100": 1, "a10g": 2})
+    by_name = {(o["kind"], o["metadata"]["name"]): o for o in rendered.objects}
+    assert sorted(by_name) == sorted(
+        [
+            ("ConfigMap", f"{name}-h100-lmi-config"),
+            ("ConfigMap", f"{name}-a10g-lmi-config"),
+            ("Deployment", f"{name}-h100"),
+            ("Deployment", f"{name}-a10g"),
+            ("Service", name),
+            ("PodDisruptionBudget", name),
+        ]
+    )
+    a10g = by_name["Deployment", f"{name}-a10g"]
+    assert a10g["spec"]["replicas"] == 2
+    assert a10g["spec"]["selector"]["matchLabels"][PROFILE_LABEL] == "a10g"
+    pod = a10g["spec"]["template"]["spec"]
+    assert pod["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-A10G"
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert {"name": "lmi-config", "configMap": {"name": f"{name}-a10g-lmi-config"}} in pod["volumes"]
+    properties = by_name["ConfigMap", f"{name}-a10g-lmi-config"]["data"]["serving.properties"]
+    assert "option.tensor_parallel_degree=2" in properties and "option.quantize=fp8" in properties
+    assert by_name["Deployment", f"{name}-h100"]["spec"]["replicas"] == 1
+    # The Service and the PDB select the pods of every profile.
+    assert PROFILE_LABEL not in by_name["Service", name]["spec"]["selector"]
+    assert PROFILE_LABEL not in by_name["PodDisruptionBudget", name]["spec"]["selector"]["matchLabels"]
+    # Without a plan, every replica is on the first profile.
+    default = {
+        o["metadata"]["name"]: o["spec"]["replicas"]
+        for o in render(obj, OperatorSettings()).objects
+        if o["kind"] == "Deployment"
+    }
+    assert default == {f"{name}-h100": 3, f"{name}-a10g": 0}
+    assert set(rendered.config_hashes()) == {f"{name}-h100", f"{name}-a10g"}
+
+
+def fit(status: str, reason: str, message: str, facts: dict[str, Any] | None = None) -> FitReport:
+    condition = {"type": "FitsGPUMemory", "status": status, "reason": reason, "message": message}
+    # Held back while inspecting and where it does not fit, as fit_status.judge does.
+    return FitReport(condition, facts, deploy=status == "True", keep_job=False)
+
+
+def test_the_fit_of_profiles_names_each_and_holds_where_any_fits() -> None:
+    facts = {"source": "org/m"}
+    fits = combine(
+        {
+            "h100": fit("True", "Fits", "fits H100", facts),
+            "a10g": fit("False", "InsufficientGPUMemory", "needs 41 GiB", facts),
+        }
+    )
+    assert fits.condition["status"] == "True" and fits.deploy
+    assert fits.condition["message"] == "profile h100: fits H100; profile a10g: needs 41 GiB"
+    assert fits.profile_fits == {"h100": True, "a10g": False}
+    none = combine(
+        {
+            "h100": fit("False", "InsufficientGPUMemory", "needs 200 GiB", facts),
+            "a10g": fit("False", "InsufficientGPUMemory", "needs 200 GiB", facts),
+        }
+    )
+    assert (none.condition["status"], none.condition["reason"]) == ("False", "InsufficientGPUMemory")
+    assert none.condition["message"].startswith("no profile fits: profile h100: needs 200 GiB")
+    assert not none.deploy and none.insufficient
+    # While the shared inspection runs, the model waits as a whole.
+    waiting = combine(
+        {
+            "h100": fit("Unknown", "Inspecting", "Job j reads"),
+            "a10g": fit("Unknown", "Inspecting", "Job j reads"),
+        }
+    )
+    assert waiting.inspecting and not waiting.deploy
+    assert waiting.profile_fits == {"h100": True, "a10g": True}
+
+
+def test_the_profile_status_counts_each_profiles_ready_pods() -> None:
+    plan = plan_profiles(
+        2, [ProfileObservation("h100", True, 1, 1, 1, 1), ProfileObservation("a10g", True, 4, 1, 1, 1)]
+    )
+
+    def pod(profile: str, ready: bool) -> dict[str, Any]:
+        server = {"name": "model-server", "ready": ready}
+        return {
+            "metadata": {"labels": {PROFILE_LABEL: profile}},
+            "status": {"podIP": "10.0.0.1", "containerStatuses": [server]},
+        }
+
+    status = profile_status(plan, [pod("h100", True), pod("a10g", True), pod("a10g", False)])
+    assert status["profile"] == "h100"
+    assert status["profiles"] == [
+        {"name": "h100", "replicas": 2, "readyReplicas": 1, "reason": "Placed"},
+        {"name": "a10g", "replicas": 1, "readyReplicas": 1, "reason": "Draining"},
+    ]
+    nothing = plan_profiles(1, [ProfileObservation("h100", False, 0)])
+    assert "profile" not in profile_status(nothing, [])
+
+
+def test_a_plan_is_looked_at_again_while_replicas_are_on_a_fallback_or_waiting() -> None:
+    def plan(h100_free: int, a10g_current: int = 0, fits: bool = True) -> ProfilePlan:
+        return plan_profiles(
+            2,
+            [
+                ProfileObservation("h100", fits, h100_free),
+                ProfileObservation("a10g", True, 2, a10g_current, a10g_current, a10g_current),
+            ],
+        )
+
+    assert settled(plan(h100_free=2))
+    assert not settled(plan(h100_free=0, a10g_current=2)), "on the fallback: the H100s may free up"
+    assert not settled(plan(h100_free=2, a10g_current=2)), "moving back"
+    assert settled(plan(h100_free=0, a10g_current=2, fits=False)), "the fallback is the only fit"
+    assert settled(plan_profiles(1, [ProfileObservation("h100", False, 4)])), "nothing fits: nothing to do"

@@ -1370,6 +1370,21 @@ class AdapterStatus(_Object):
     )
 
 
+class ProfileStatus(_Object):
+    """What one profile of spec.profiles runs, and why."""
+
+    name: str = Field(max_length=20, description="The profile's name.")
+    replicas: int = Field(ge=0, description="Replicas its Deployment asks for now.")
+    ready_replicas: int = Field(ge=0, description="Its ready replicas.")
+    reason: str = Field(
+        max_length=64,
+        description="Placed (its GPUs hold its replicas), WaitingForGPUs (no profile had free GPUs for "
+        "them: they wait on the first profile that fits), Draining (replicas kept serving until those "
+        "that replace them on a preferred profile are ready), NotNeeded (preferred profiles hold every "
+        "replica), NoFreeGPUs or InsufficientGPUMemory (the model does not fit its GPU).",
+    )
+
+
 class ModelFactsStatus(_Object):
     """What the inspection read of spec.model without its weights (`lmi-runtime inspect`): config.json
     and the safetensors headers. The capacity estimate (docs/capacity.md) is made from these."""
@@ -1441,6 +1456,18 @@ class LMIModelStatus(_Object):
         description="Adapters loaded on every ready replica, of those declared (N/M): the Adapters column.",
     )
     model_facts: ModelFactsStatus | None = Field(None, description=ModelFactsStatus.__doc__)
+    profile: str | None = Field(
+        None,
+        max_length=20,
+        description="With spec.profiles: the most preferred profile replicas are placed on (the Profile "
+        "column); empty when none is.",
+    )
+    profiles: list[ProfileStatus] = Field(
+        default_factory=list,
+        max_length=8,
+        json_schema_extra={"x-kubernetes-list-type": "atomic"},
+        description="With spec.profiles: each profile's replicas, in the spec's order of preference.",
+    )
 
 
 # --- the object ----------------------------------------------------------------------------------

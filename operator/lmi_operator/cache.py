@@ -18,6 +18,7 @@ from typing import Any
 from lmi_operator import metrics
 from lmi_operator.api import API_VERSION, KIND
 from lmi_operator.kube import KubeClient, object_path
+from lmi_operator.profile_plan import ProfilePlan
 from lmi_operator.relist import RelistDetector
 from lmi_operator.render import MANAGED_SELECTOR, MODEL_LABEL
 from lmi_operator.render_inspect import INSPECTS_LABEL
@@ -123,12 +124,14 @@ class ModelState:
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The pods of the inspection Job (render_inspect), apart from the model server's.
     inspection_pods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # The Deployment generation the operator last applied: the rollout that counts for status.
-    applied_generation: int | None = None
+    # The generation the operator last applied to each Deployment (by name): the rollout that counts.
+    applied_generations: dict[str, int] = field(default_factory=dict)
     # Why the API server refused what the spec renders to, for status (None: nothing refused).
     apply_error: str | None = None
-    # ((uid, generation), config hash) of the pod template that generation renders to.
-    config_hash: tuple[tuple[str, int], str] | None = None
+    # ((uid, generation), config hash by Deployment name) of the pod templates that generation renders.
+    config_hashes: tuple[tuple[str, int], dict[str, str]] | None = None
+    # The replicas of each profile as last planned (profile_check; None without spec.profiles).
+    profile_plan: ProfilePlan | None = None
     # ((uid, generation), name) of the inspection Job that generation renders to.
     inspect_job: tuple[tuple[str, int], str] | None = None
 

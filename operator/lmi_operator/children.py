@@ -3,8 +3,8 @@
 A child is applied when it is missing, when it was applied from another rendering (the hash
 annotation every rendered child carries differs: so fields removed from the spec leave the child
 too), or when someone edited it by hand since (the rendered fields are no longer contained in it).
-Children the spec no longer asks for (PDB, HPA, cache claim, the inspection Job of a former source)
-are deleted."""
+Children the spec no longer asks for (PDB, HPA, cache claim, the inspection Job of a former source,
+the Deployment and ConfigMap of a profile taken out of spec.profiles) are deleted."""
 
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ from lmi_operator.cache import OPTIONAL_KINDS, Key, ModelCache
 from lmi_operator.drift import contains
 from lmi_operator.fit_status import FitReport
 from lmi_operator.kube import ApiError, KubeClient, object_path
+from lmi_operator.profile_plan import ProfilePlan
 from lmi_operator.render import APPLIED_HASH, render
 from lmi_operator.settings import OperatorSettings
+
+# What is deleted when the spec no longer renders it, kind -> apiVersion. The Service is always rendered.
+PRUNED_KINDS = {**OPTIONAL_KINDS, "ConfigMap": "v1", "Deployment": "apps/v1"}
 
 
 def namespace_going(err: ApiError) -> bool:
@@ -50,21 +54,27 @@ class ChildrenApplier:
         self.settings = settings
         self.admin_key = admin_key  # the public key of the operator's adapter management requests
 
-    async def apply(self, key: Key, obj: LMIModel, fit: FitReport | None = None) -> None:
+    async def apply(
+        self, key: Key, obj: LMIModel, fit: FitReport | None = None, plan: ProfilePlan | None = None
+    ) -> None:
         """Apply what `obj` renders to where it drifted and delete the children it no longer asks for.
         With a `fit` judgement (GPU models), the inspection Job is applied until the facts are known
-        and the Deployment only once `fit` allows it (a live one is left as it is until then). A
-        child the API server refuses (400/422: retrying cannot help) is named in the model's
-        apply_error for status; other failures raise, for the work queue to retry."""
+        and the Deployments only once `fit` allows it (live ones are left as they are until then);
+        with profiles, each profile's Deployment asks for the replicas `plan` gives it. A child the
+        API server refuses (400/422: retrying cannot help) is named in the model's apply_error for
+        status; other failures raise, for the work queue to retry."""
         st = self.cache.state(key)
         inspect = fit is not None and fit.keep_job
         deploy = fit is None or fit.deploy
-        rendered = render(obj, self.settings, self.admin_key, inspect=inspect, deploy=deploy)
+        replicas = plan.replicas() if plan is not None else None
+        rendered = render(
+            obj, self.settings, self.admin_key, inspect=inspect, deploy=deploy, replicas=replicas
+        )
         await self.cache.read_missing(
             key, [(d["apiVersion"], d["kind"], d["metadata"]["name"]) for d in rendered.objects]
         )
         # What may be pruned, as it is before the writes below replace the cache's copies.
-        before = [child for child in st.children if child[0] in OPTIONAL_KINDS]
+        before = [child for child in st.children if child[0] in PRUNED_KINDS]
         stale = [
             d for d in rendered.objects if drifted(st.children.get((d["kind"], d["metadata"]["name"])), d)
         ]
@@ -82,11 +92,12 @@ class ChildrenApplier:
             metrics.API_WRITES.labels(desired["kind"]).inc()
             self.cache.written(key, result)
             if desired["kind"] == "Deployment":
-                st.applied_generation = result["metadata"].get("generation")
+                st.applied_generations[result["metadata"]["name"]] = result["metadata"].get("generation")
         wanted = {(o["kind"], o["metadata"]["name"]) for o in rendered.objects}
         for kind, name in before:
-            if (kind, name) not in wanted:
-                await self._delete(OPTIONAL_KINDS[kind], kind, key[0], name)
+            # A Deployment held back (deploy False) stays as it is.
+            if (kind, name) not in wanted and (deploy or kind != "Deployment"):
+                await self._delete(PRUNED_KINDS[kind], kind, key[0], name)
                 st.children.pop((kind, name), None)
 
     async def _delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:

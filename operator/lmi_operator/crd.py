@@ -93,6 +93,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": ".status.adaptersLoaded",
         "description": "LoRA adapters loaded on every ready replica, of those declared.",
     },
+    {
+        "name": "Profile",
+        "type": "string",
+        "jsonPath": ".status.profile",
+        "description": "With spec.profiles: the most preferred GPU profile replicas are placed on.",
+    },
     {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpus", "priority": 1},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

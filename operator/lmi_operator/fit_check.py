@@ -16,10 +16,10 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from lmi_operator.api import LMIModel
+from lmi_operator.api import LMIModel, LMIModelSpec
 from lmi_operator.cache import Key, ModelCache, ModelState
 from lmi_operator.capacity import engine_of
-from lmi_operator.fit_status import FitReport, Inspection, inspection_of, judge, source_of
+from lmi_operator.fit_status import FitReport, Inspection, combine, inspection_of, judge, source_of
 from lmi_operator.gpu_capacity import GpuCapacity
 from lmi_operator.properties import lmi_options
 from lmi_operator.render import gpu_resource_of, render
@@ -61,11 +61,26 @@ class FitCheck:
         self._announced: dict[Share, str] = {}
 
     async def judge(self, key: Key, obj: LMIModel) -> FitReport | None:
-        """The fit of `obj` as observed in its cache entry."""
+        """The fit of `obj` as observed in its cache entry: of its spec, or of each of its profiles."""
         spec = obj.spec
         if not spec.resources.gpus:
             self.forget(key)
             return None
+        inspection, job = await self._inspection(key, obj)
+        if not spec.profiles:
+            return await self._fit(spec, inspection, job)
+        return combine({p.name: await self._fit(spec.for_profile(p), inspection, job) for p in spec.profiles})
+
+    async def _fit(self, spec: LMIModelSpec, inspection: Inspection, job: str) -> FitReport:
+        """The fit of `spec` on the GPU types of the nodes its node selector admits."""
+        selector = spec.scheduling.node_selector if spec.scheduling else {}
+        types = await self.gpus.gpu_types(gpu_resource_of(spec, self.settings), selector)
+        return judge(inspection, engine_of(lmi_options(spec), spec.resources.gpus), types, job)
+
+    async def _inspection(self, key: Key, obj: LMIModel) -> tuple[Inspection, str]:
+        """What is known of the model's facts (recorded, its own Job's, or its share owner's), and
+        what names its inspection."""
+        spec = obj.spec
         st = self.cache.state(key)
         job = self._job_name(st, obj)
         recorded = _recorded(st)
@@ -80,9 +95,7 @@ class FitCheck:
                 self._announce(key, share, inspection)
             else:
                 inspection, job = self._borrowed(owner, source)
-        selector = spec.scheduling.node_selector if spec.scheduling else {}
-        types = await self.gpus.gpu_types(gpu_resource_of(spec, self.settings), selector)
-        return judge(inspection, engine_of(lmi_options(spec), spec.resources.gpus), types, job)
+        return inspection, job
 
     def forget(self, key: Key) -> None:
         """`key` no longer takes part in any share (deleted, another source, or a CPU model now). If

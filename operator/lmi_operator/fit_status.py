@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lmi_operator.capacity import Engine, estimate, explain, needs, short_of, what_fits
@@ -58,12 +58,14 @@ class Inspection:
 @dataclass(frozen=True)
 class FitReport:
     """The judgement: the FitsGPUMemory condition (without timestamps), the facts for status, and
-    whether the Deployment may be created."""
+    whether the Deployment may be created; with spec.profiles, whether each profile may hold the
+    model (`profile_fits`, by name: False only where it was judged not to fit)."""
 
     condition: Mapping[str, str]
     facts: Mapping[str, Any] | None
     deploy: bool
     keep_job: bool = True
+    profile_fits: Mapping[str, bool] = field(default_factory=dict)
 
     @property
     def inspecting(self) -> bool:
@@ -180,3 +182,23 @@ def judge(inspection: Inspection, engine: Engine, gpus: list[GpuType], job: str)
     ]
     message = f"{needs(verdicts[0][1])}; {'; '.join(shorts)}"
     return FitReport(_condition("False", INSUFFICIENT_GPU_MEMORY, message), inspection.facts, False, keep)
+
+
+def combine(reports: Mapping[str, FitReport]) -> FitReport:
+    """One judgement of a model with profiles from each profile's (by name, in preference order):
+    it fits where any profile fits, and does not where none does; each message is named by profile.
+    The inspection is the same for all, so while it runs or when it failed, so does the model."""
+    first = next(iter(reports.values()))
+    if first.facts is None:
+        return FitReport(first.condition, None, first.deploy, first.keep_job, {n: True for n in reports})
+    fits = {name: r.condition["status"] != "False" for name, r in reports.items()}
+    message = "; ".join(f"profile {name}: {r.condition['message']}" for name, r in reports.items())
+    statuses = {r.condition["status"] for r in reports.values()}
+    if "True" in statuses:
+        condition = _condition("True", FITS, message)
+    elif statuses == {"False"}:
+        condition = _condition("False", INSUFFICIENT_GPU_MEMORY, f"no profile fits: {message}")
+    else:
+        condition = dict(next(r.condition for r in reports.values() if r.condition["status"] == "Unknown"))
+        condition["message"] = message
+    return FitReport(condition, first.facts, any(fits.values()), first.keep_job, fits)

@@ -55,6 +55,18 @@ class GpuCapacity:
         self._last[gpu_resource] = (now, free)
         return free
 
+    async def free_slots(self, gpu_resource: str, node_labels: Mapping[str, str], gpus: int) -> int:
+        """Replicas of `gpus` GPUs each that the free GPUs of the nodes with `node_labels` still hold."""
+        labels = {
+            node["metadata"]["name"]: node["metadata"].get("labels", {})
+            for node, _ in await self._schedulable(gpu_resource)
+        }
+        return sum(
+            free // gpus
+            for name, free in (await self.free_by_node(gpu_resource)).items()
+            if free > 0 and all(labels.get(name, {}).get(k) == v for k, v in node_labels.items())
+        )
+
     async def gpu_types(self, gpu_resource: str, node_selector: Mapping[str, str]) -> list[GpuType]:
         """The GPU products of the schedulable nodes with `gpu_resource` that `node_selector` admits,
         with the memory of one GPU (labels of GPU feature discovery, else a table by product); nodes

@@ -23,6 +23,8 @@ from lmi_operator.fit_check import FitCheck
 from lmi_operator.gpu_capacity import GpuCapacity
 from lmi_operator.kube import KubeClient
 from lmi_operator.memory import Trimmer
+from lmi_operator.profile_check import RECHECK_SECONDS as PROFILES_RECHECK_SECONDS
+from lmi_operator.profile_check import ProfileCheck, settled
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.status_report import StatusReporter, parse
 from lmi_operator.workqueue import WorkQueue
@@ -51,7 +53,9 @@ class Reconciler:
         signer = Signer()
         self.children = ChildrenApplier(client, self.cache, settings, signer.public_key)
         # One view of the nodes' GPUs for both queues: the Deployment's gate and the status.
-        self.fits = FitCheck(self.cache, GpuCapacity(client), settings, notify=self.queue.add)
+        capacity = GpuCapacity(client)
+        self.fits = FitCheck(self.cache, capacity, settings, notify=self.queue.add)
+        self.profiles = ProfileCheck(self.cache, capacity, settings)
         self.status = StatusReporter(client, self.cache, settings, EventRecorder(client), signer, self.fits)
         # A replica that finished loading adapters is reported at once.
         self.status.adapters.notify = self.status_queue.add
@@ -84,7 +88,12 @@ class Reconciler:
         obj, invalid = parse(st.model)
         # Nothing is applied from an invalid spec: what runs keeps running as it was.
         if obj is not None and invalid is None:
-            await self.children.apply(key, obj, await self.fits.judge(key, obj))
+            fit = await self.fits.judge(key, obj)
+            plan = await self.profiles.plan(key, obj, fit)
+            await self.children.apply(key, obj, fit, plan)
+            if plan is not None and not settled(plan):
+                # Freed GPUs raise no event of ours: look again (profile_check).
+                self.queue.add_after(key, PROFILES_RECHECK_SECONDS)
         self.status_queue.add(key)
 
     async def _report(self, key: Key) -> None:

@@ -1,7 +1,12 @@
 """Rendering: an LMIModel to the Kubernetes objects that serve it. Pure: same input, same output.
 
 The objects are complete server-side-apply manifests: every field listed here is owned by the
-operator's field manager, every field left out is left to others (replicas under an HPA)."""
+operator's field manager, every field left out is left to others (replicas under an HPA).
+
+A model without spec.profiles has one workload: the ConfigMap `<model>-lmi-config` and the
+Deployment `<model>`. With profiles, each profile has its own, `<model>-<profile>-lmi-config` and
+`<model>-<profile>`, rendered from the spec with the profile's settings (LMIModelSpec.for_profile)
+and a pod label naming the profile; the one Service selects the pods of all of them."""
 
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from lmi_operator.settings import OperatorSettings
 from lmi_runtime.options import HANDLER_FILE, MODEL_DIR, PORT, PROPERTIES_FILE
 
 MODEL_LABEL = "serving.lmi.dev/model"
+# On the pods of a profile's Deployment (spec.profiles): which profile they run.
+PROFILE_LABEL = "serving.lmi.dev/profile"
 CONFIG_HASH = "serving.lmi.dev/config-hash"
 # On every child: a digest of the whole object as rendered. A spec change that only removes fields
 # (an option, an env var, an HPA metric) changes it, so the child is applied and the removal lands.
@@ -50,8 +57,16 @@ class Rendered:
     options: dict[str, str]
 
     def by_kind(self, kind: str) -> dict[str, Any] | None:
-        """The rendered object of `kind`, if any."""
+        """The first rendered object of `kind`, if any."""
         return next((o for o in self.objects if o["kind"] == kind), None)
+
+    def config_hashes(self) -> dict[str, str]:
+        """The config hash of each rendered Deployment's pod template, by Deployment name."""
+        return {
+            str(o["metadata"]["name"]): str(o["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH])
+            for o in self.objects
+            if o["kind"] == "Deployment"
+        }
 
 
 def labels_of(name: str) -> dict[str, str]:
@@ -71,8 +86,13 @@ def selector_of(name: str) -> dict[str, str]:
 
 
 def config_map_name(name: str) -> str:
-    """The name of the ConfigMap holding a model's serving.properties."""
+    """The name of the ConfigMap holding a workload's serving.properties."""
     return f"{name}-lmi-config"
+
+
+def workload_name(model: str, profile: str | None) -> str:
+    """The name of a model's Deployment: the model's, or `<model>-<profile>` for a profile's."""
+    return model if profile is None else f"{model}-{profile}"
 
 
 def owned_metadata(obj: LMIModel, name: str) -> dict[str, Any]:
@@ -101,14 +121,14 @@ def _quantity(value: int | str) -> str:
     return str(value)
 
 
-def _config_map(obj: LMIModel, admin_key: str) -> dict[str, Any]:
+def _config_map(obj: LMIModel, admin_key: str, workload: str) -> dict[str, Any]:
     data = {PROPERTIES_FILE: serving_properties(obj.spec), **adapters_data(obj.spec, admin_key)}
     if obj.spec.handler is not None and obj.spec.handler.model_py is not None:
         data[HANDLER_FILE] = obj.spec.handler.model_py
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": owned_metadata(obj, config_map_name(str(obj.metadata.name))),
+        "metadata": owned_metadata(obj, config_map_name(workload)),
         "data": data,
     }
 
@@ -125,9 +145,11 @@ def _env(spec: LMIModelSpec) -> list[dict[str, Any]]:
     return env
 
 
-def _volumes(obj: LMIModel, settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _volumes(
+    obj: LMIModel, settings: OperatorSettings, workload: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     spec = obj.spec
-    cm = config_map_name(str(obj.metadata.name))
+    cm = config_map_name(workload)
     shm: dict[str, Any] = {"medium": "Memory"}
     if spec.resources.shm_size is not None:
         shm["sizeLimit"] = _quantity(spec.resources.shm_size)
@@ -219,9 +241,9 @@ def _probes(spec: LMIModelSpec) -> dict[str, Any]:
     }
 
 
-def _pod_spec(obj: LMIModel, settings: OperatorSettings, gpu_resource: str) -> dict[str, Any]:
+def _pod_spec(obj: LMIModel, settings: OperatorSettings, gpu_resource: str, workload: str) -> dict[str, Any]:
     spec = obj.spec
-    volumes, mounts = _volumes(obj, settings)
+    volumes, mounts = _volumes(obj, settings, workload)
     container: dict[str, Any] = {
         "name": "model-server",
         "image": spec.image or settings.runtime_image,
@@ -297,30 +319,39 @@ def config_hash(objects: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _deployment(obj: LMIModel, settings: OperatorSettings, config: dict[str, Any]) -> dict[str, Any]:
+def _deployment(
+    obj: LMIModel,
+    settings: OperatorSettings,
+    config: dict[str, Any],
+    profile: str | None,
+    replicas: int,
+) -> dict[str, Any]:
     spec = obj.spec
     name = str(obj.metadata.name)
+    workload = workload_name(name, profile)
+    # A profile's pods carry its name, so that the Deployments' selectors never overlap.
+    own = {PROFILE_LABEL: profile} if profile is not None else {}
     gpu_resource = gpu_resource_of(spec, settings)
-    pod_spec = _pod_spec(obj, settings, gpu_resource)
+    pod_spec = _pod_spec(obj, settings, gpu_resource, workload)
     # The declared adapters reach running pods without a restart (render_adapters).
     rolled = {k: v for k, v in config["data"].items() if k not in UNROLLED_KEYS}
     template_hash = config_hash({"config": rolled, "pod": pod_spec})
     dep_spec: dict[str, Any] = {
-        "selector": {"matchLabels": selector_of(name)},
+        "selector": {"matchLabels": selector_of(name) | own},
         "strategy": _strategy(spec),
         "revisionHistoryLimit": 3,
         # Past this, the Deployment reports ProgressDeadlineExceeded; loads get their full budget.
         "progressDeadlineSeconds": spec.startup.timeout_seconds + 600,
         "template": {
-            "metadata": {"labels": labels_of(name), "annotations": {CONFIG_HASH: template_hash}},
+            "metadata": {"labels": labels_of(name) | own, "annotations": {CONFIG_HASH: template_hash}},
             "spec": pod_spec,
         },
     }
-    dep_spec = {"replicas": desired_replicas(spec)} | dep_spec
+    dep_spec = {"replicas": replicas} | dep_spec
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": owned_metadata(obj, name),
+        "metadata": owned_metadata(obj, workload),
         "spec": dep_spec,
     }
 
@@ -407,6 +438,11 @@ def gpu_resource_of(spec: LMIModelSpec, settings: OperatorSettings) -> str:
     return spec.resources.gpu_resource_name or settings.gpu_resource_name
 
 
+def profile_replicas(spec: LMIModelSpec) -> dict[str, int]:
+    """Replicas by profile where nothing is known of the cluster: every one on the first profile."""
+    return {p.name: desired_replicas(spec) if i == 0 else 0 for i, p in enumerate(spec.profiles)}
+
+
 def render(
     obj: LMIModel,
     settings: OperatorSettings,
@@ -414,17 +450,31 @@ def render(
     *,
     inspect: bool = False,
     deploy: bool = True,
+    replicas: Mapping[str, int] | None = None,
 ) -> Rendered:
     """Every object an LMIModel needs, in the order they are applied (config before pods).
     `admin_key` is the operator's public key for the adapter management port (render_adapters).
-    `inspect` adds the inspection Job (render_inspect); without `deploy` the Deployment is held back
-    (the model is inspected, or fits no GPU: fit_status)."""
+    `inspect` adds the inspection Job (render_inspect); without `deploy` the Deployments are held
+    back (the model is inspected, or fits no GPU: fit_status). `replicas` are those of each profile
+    (profile_plan; default: profile_replicas)."""
     name = str(obj.metadata.name)
-    config = _config_map(obj, admin_key)
-    deployment = _deployment(obj, settings, config)
-    objects = [config, *([deployment] if deploy else []), _service(obj)]
+    workloads: list[tuple[str | None, LMIModel, int]]
+    if obj.spec.profiles:
+        counts = profile_replicas(obj.spec) if replicas is None else replicas
+        workloads = [
+            (p.name, obj.model_copy(update={"spec": obj.spec.for_profile(p)}), counts.get(p.name, 0))
+            for p in obj.spec.profiles
+        ]
+    else:
+        workloads = [(None, obj, desired_replicas(obj.spec))]
+    configs, deployments = [], []
+    for profile, part, count in workloads:
+        configs.append(_config_map(part, admin_key, workload_name(name, profile)))
+        deployments.append(_deployment(part, settings, configs[-1], profile, count))
+    objects = [*configs, *(deployments if deploy else []), _service(obj)]
     if inspect:
-        pod = deployment["spec"]["template"]["spec"]
+        # The first workload's pod: every profile reads the same model with the same environment.
+        pod = deployments[0]["spec"]["template"]["spec"]
         meta = owned_metadata(obj, "")
         objects.append(
             render_inspect_job(name, meta, pod, settings.runtime_image, settings.inspection_scheduling)

@@ -98,18 +98,20 @@ class Observed:
     gpus_per_replica: int
     gpu_resource: str
     startup_timeout_seconds: int
-    deployment: Mapping[str, Any] | None
-    # The Deployment generation whose rollout counts: the one the operator last applied. Changes by
-    # others that bump the generation without touching the template (annotations) do not count.
-    deployment_generation: int | None = None
+    # The live Deployments of the model by name: one, or one per profile (render).
+    deployments: Mapping[str, Mapping[str, Any]]
+    # The Deployment generation whose rollout counts, by name: the one the operator last applied.
+    # Changes by others that bump the generation without touching the template do not count.
+    deployment_generations: Mapping[str, int] = field(default_factory=dict)
     pods: Sequence[Mapping[str, Any]] = ()
     invalid_spec: str | None = None
     free_gpus_by_node: Mapping[str, int] | None = None
     engine_options: Mapping[str, str] = field(default_factory=dict)
     selector: str = ""
-    # The config hash of the Deployment rendered from this generation's spec: until the live
-    # Deployment's pod template carries it, this generation is not applied and cannot be Ready.
-    config_hash: str | None = None
+    # The config hash of each Deployment rendered from this generation's spec, by name: until every
+    # one exists and its pod template carries it, this generation is not applied and cannot be Ready
+    # (empty: the spec could not be rendered).
+    config_hashes: Mapping[str, str] = field(default_factory=dict)
     # The spec's engine.mode and engine.maxRollingBatchSize as written (None: unset, LMI's default of
     # the mode applies); the mode is None when the spec could not be read or applied.
     engine_mode: EngineMode | None = None
@@ -120,6 +122,8 @@ class Observed:
     adapters: AdapterReport | None = None
     # With GPUs: whether the model fits them (fit_status); None for a CPU model or an unread spec.
     fit: FitReport | None = None
+    # With spec.profiles: status.profile and status.profiles (profile_check.profile_status).
+    profiles: Mapping[str, Any] | None = None
     now: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
 
 
@@ -249,25 +253,34 @@ def pod_problem(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
 
 
 def spec_applied(obs: Observed) -> bool:
-    """Whether the live Deployment's pod template is the one rendered from this generation."""
-    if obs.deployment is None or obs.config_hash is None:
-        return obs.deployment is not None
-    template = obs.deployment.get("spec", {}).get("template", {}).get("metadata", {})
-    return bool(template.get("annotations", {}).get(CONFIG_HASH) == obs.config_hash)
+    """Whether every Deployment rendered from this generation exists with that pod template."""
+    if not obs.config_hashes:
+        return bool(obs.deployments)
+    return all(
+        name in obs.deployments
+        and obs.deployments[name]
+        .get("spec", {})
+        .get("template", {})
+        .get("metadata", {})
+        .get("annotations", {})
+        .get(CONFIG_HASH)
+        == wanted
+        for name, wanted in obs.config_hashes.items()
+    )
 
 
 def _deployment_numbers(obs: Observed) -> tuple[int, int, int, int, bool]:
-    dep = obs.deployment or {}
-    st = dep.get("status", {})
-    needed = obs.deployment_generation or dep.get("metadata", {}).get("generation", 1)
-    current = st.get("observedGeneration", 0) >= needed and spec_applied(obs)
-    return (
-        int(st.get("replicas", 0)),
-        int(st.get("readyReplicas", 0)),
-        int(st.get("updatedReplicas", 0)),
-        int(st.get("availableReplicas", 0)),
-        bool(current),
-    )
+    """Replicas, ready, updated and available over the model's Deployments, and whether each one's
+    controller has seen the generation the operator applied."""
+    numbers = [0, 0, 0, 0]
+    current = spec_applied(obs)
+    for name, dep in obs.deployments.items():
+        st = dep.get("status", {})
+        needed = obs.deployment_generations.get(name) or dep.get("metadata", {}).get("generation", 1)
+        current = current and st.get("observedGeneration", 0) >= needed
+        for i, field_name in enumerate(("replicas", "readyReplicas", "updatedReplicas", "availableReplicas")):
+            numbers[i] += int(st.get(field_name, 0))
+    return numbers[0], numbers[1], numbers[2], numbers[3], bool(current)
 
 
 def problem_of(obs: Observed) -> Problem | None:
@@ -300,7 +313,7 @@ def conditions_for(obs: Observed) -> list[dict[str, str]]:
     replicas, ready, updated, available, current = _deployment_numbers(obs)
     desired = obs.desired_replicas
     problem = problem_of(obs)
-    rolled_out = obs.deployment is not None and current and updated >= desired and replicas == updated
+    rolled_out = bool(obs.deployments) and current and updated >= desired and replicas == updated
     # An invalid spec was not applied: what runs serves an older generation, not this one.
     applied = problem is None or problem.reason != INVALID_SPEC
     serving = applied and rolled_out and available >= desired and ready >= desired
@@ -308,9 +321,9 @@ def conditions_for(obs: Observed) -> list[dict[str, str]]:
     progress_reason = ROLLOUT_IN_PROGRESS
     if problem is not None and problem.reason == INVALID_SPEC:
         progress_msg = "spec not applied: fix the spec"
-    elif obs.deployment is None and obs.fit is not None and obs.fit.inspecting:
+    elif not obs.deployments and obs.fit is not None and obs.fit.inspecting:
         progress_msg = f"inspecting the model: {obs.fit.condition['message']}"
-    elif obs.deployment is None:
+    elif not obs.deployments:
         progress_msg = "creating the Deployment"
     elif not spec_applied(obs):
         progress_reason, progress_msg = APPLYING, f"applying generation {obs.generation} to the Deployment"
@@ -399,4 +412,5 @@ def build_status(obs: Observed, previous: Mapping[str, Any] | None) -> dict[str,
             else {}
         )
         | ({"modelFacts": dict(obs.fit.facts)} if obs.fit is not None and obs.fit.facts is not None else {})
+        | (dict(obs.profiles) if obs.profiles is not None else {})
     )

@@ -21,9 +21,9 @@ from lmi_operator.events import EventRecorder, Subject
 from lmi_operator.fit_check import FitCheck
 from lmi_operator.gpu_capacity import GpuCapacity
 from lmi_operator.kube import STATUS_FIELD_MANAGER, ApiError, KubeClient, object_path
+from lmi_operator.profile_check import profile_status
 from lmi_operator.properties import lmi_options
 from lmi_operator.render import (
-    CONFIG_HASH,
     desired_replicas,
     gpu_resource_of,
     render,
@@ -67,14 +67,14 @@ def removals(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, An
     return patch or None
 
 
-def rendered_config_hash(st: ModelState, obj: LMIModel, settings: OperatorSettings) -> str:
-    """The config hash on the pod template rendered from `obj`'s spec, rendered once per generation
-    (the template depends on the spec and the name only; the uid tells a re-created model apart)."""
+def rendered_config_hashes(st: ModelState, obj: LMIModel, settings: OperatorSettings) -> dict[str, str]:
+    """The config hash on each pod template rendered from `obj`'s spec, by Deployment name, rendered
+    once per generation (templates depend on the spec and the name only, not on the replicas; the
+    uid tells a re-created model apart)."""
     stamp = (str(obj.metadata.uid), int(obj.metadata.generation or 1))
-    if st.config_hash is None or st.config_hash[0] != stamp:
-        deployment = next(d for d in render(obj, settings).objects if d["kind"] == "Deployment")
-        st.config_hash = (stamp, str(deployment["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH]))
-    return st.config_hash[1]
+    if st.config_hashes is None or st.config_hashes[0] != stamp:
+        st.config_hashes = (stamp, render(obj, settings).config_hashes())
+    return st.config_hashes[1]
 
 
 class StatusReporter:
@@ -111,7 +111,8 @@ class StatusReporter:
             await self._write(key, body, self._observed(key, st, body, None, invalid=invalid))
             return None
         # Status read from a partial cache would be rewritten for nothing (then back): see the Deployment.
-        await self.cache.read_missing(key, [("apps/v1", "Deployment", key[1])])
+        names = rendered_config_hashes(st, obj, self.settings)
+        await self.cache.read_missing(key, [("apps/v1", "Deployment", name) for name in names])
         observed = self._observed(key, st, body, obj, options=lmi_options(obj.spec))
         observed = dataclasses.replace(observed, fit=await self.fits.judge(key, obj))
         runtime = await self.startups.read(key, observed.pods)
@@ -157,12 +158,12 @@ class StatusReporter:
         options: Mapping[str, str] | None = None,
     ) -> Observed:
         spec = body.get("spec", {})
-        config_hash = None
+        hashes: dict[str, str] = {}
         # An invalid spec is not applied: no advice about its engine settings.
         mode: EngineMode | None = None
         batch_size: int | None = None
         if obj is not None:
-            config_hash = rendered_config_hash(st, obj, self.settings)
+            hashes = rendered_config_hashes(st, obj, self.settings)
             desired = desired_replicas(obj.spec)
             gpus = obj.spec.resources.gpus
             gpu_resource = gpu_resource_of(obj.spec, self.settings)
@@ -180,15 +181,23 @@ class StatusReporter:
             gpus_per_replica=gpus,
             gpu_resource=gpu_resource,
             startup_timeout_seconds=timeout,
-            deployment=st.children.get(("Deployment", key[1])),
-            deployment_generation=st.applied_generation,
+            # The Deployments this generation renders; with an unread spec, whichever are there.
+            deployments={
+                str(d["metadata"]["name"]): d
+                for d in st.of_kind("Deployment")
+                if not hashes or d["metadata"]["name"] in hashes
+            },
+            deployment_generations=st.applied_generations,
             pods=pods,
             invalid_spec=invalid,
             engine_options=options or {},
             selector=selector_string(selector_of(key[1])),
-            config_hash=config_hash,
+            config_hashes=hashes,
             engine_mode=mode,
             max_rolling_batch_size=batch_size,
+            profiles=profile_status(st.profile_plan, pods)
+            if obj is not None and obj.spec.profiles and st.profile_plan is not None
+            else None,
         )
 
     async def _write(self, key: Key, body: Mapping[str, Any], observed: Observed) -> dict[str, Any]:

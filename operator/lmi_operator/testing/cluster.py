@@ -148,7 +148,7 @@ class LocalCluster:
             self._wait("kwok", deadline, lambda: http_ok(f"http://127.0.0.1:{ports.kwok}/healthz"))
             if self.lws is not None:
                 self._wait(self.lws.name, deadline, self.lws.ready, "serving its webhooks")
-            self._create_nodes()
+            self.add_nodes(self.nodes)
             self._wait("kwok", deadline, self._nodes_ready, "done making the fake nodes Ready")
             # Pods cannot be created in a namespace until its default ServiceAccount exists.
             self._wait(
@@ -441,8 +441,9 @@ class LocalCluster:
         except urllib.error.HTTPError:
             return False
 
-    def _create_nodes(self) -> None:
-        for node in self.nodes:
+    def add_nodes(self, nodes: Sequence[FakeNode]) -> None:
+        """Create kwok nodes (kwok makes them Ready by itself; a test may add its own)."""
+        for node in nodes:
             manifest = node.manifest()
             self.kubectl(
                 "apply",
