@@ -449,7 +449,7 @@ INVALID: list[Invalid] = [
         "profile-gpus-not-tp",
         {"engine": {"tensorParallelDegree": 1}, "profiles": [{**L4_PROFILE, "resources": {"gpus": 4}}]},
         "spec.profiles",
-        "profiles[l4].engine.tensorParallelDegree x engine.pipelineParallelDegree must equal resources.gpus",
+        "profiles[].engine.tensorParallelDegree x engine.pipelineParallelDegree must equal resources.gpus",
     ),
     Invalid(
         "profile-tp-not-gpus",
@@ -458,7 +458,7 @@ INVALID: list[Invalid] = [
             "profiles": [L4_PROFILE, {**L40S_PROFILE, "engine": {"tensorParallelDegree": 4}}],
         },
         "spec.profiles",
-        "profiles[l40s].engine.tensorParallelDegree x engine.pipelineParallelDegree must equal",
+        "profiles[].engine.tensorParallelDegree x engine.pipelineParallelDegree must equal",
     ),
     Invalid(
         "profile-gpus-not-multiple-of-pp",
@@ -468,7 +468,7 @@ INVALID: list[Invalid] = [
             "profiles": [{**L4_PROFILE, "resources": {"gpus": 3}}],
         },
         "spec.profiles",
-        "profiles[l4].resources.gpus must be a multiple of engine.pipelineParallelDegree when",
+        "profiles[].resources.gpus must be a multiple of engine.pipelineParallelDegree when",
     ),
     Invalid(
         "profile-batch-above-prefill",
@@ -477,7 +477,7 @@ INVALID: list[Invalid] = [
             "profiles": [{**L4_PROFILE, "engine": {"maxRollingBatchSize": 128}}],
         },
         "spec.profiles",
-        "profiles[l4].engine.maxRollingBatchSize must not exceed engine.maxRollingBatchPrefillTokens",
+        "profiles[].engine.maxRollingBatchSize must not exceed engine.maxRollingBatchPrefillTokens",
     ),
 ]
 

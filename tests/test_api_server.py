@@ -133,7 +133,8 @@ def test_get_shows_the_columns_and_scale_drives_replicas(
     cluster.kubectl("wait", "-n", lmi_namespace, "--for=condition=Ready", "lmi/columns", "--timeout=60s")
 
     header, row = cluster.kubectl("get", "lmi", "columns", "-n", lmi_namespace).stdout.splitlines()
-    # ADAPTERS is empty for a model without LoRA (tests/test_operator.py reads it for one with).
+    # ADAPTERS is empty for a model without LoRA (tests/test_operator.py reads it for one with), and
+    # PROFILE for one without spec.profiles (tests/test_profiles.py reads it for one with).
     assert header.split() == [
         "NAME",
         "MODEL",
@@ -143,6 +144,7 @@ def test_get_shows_the_columns_and_scale_drives_replicas(
         "STATUS",
         "STARTUP",
         "ADAPTERS",
+        "PROFILE",
         "AGE",
     ]
     assert row.split()[:7] == [
