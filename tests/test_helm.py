@@ -284,6 +284,9 @@ def test_auth_can_i_allows_exactly_what_the_operator_does(cluster: LocalCluster,
             for r in ("configmaps", "services", "deployments.apps")
             for v in ("create", "patch")
         ],
+        # The ConfigMap and Deployment of a GPU profile taken out of spec.profiles.
+        ("delete", "configmaps", "-n", m),
+        ("delete", "deployments.apps", "-n", m),
         *[
             (v, r, "-n", m)
             for r in (
@@ -317,8 +320,7 @@ def test_auth_can_i_allows_exactly_what_the_operator_does(cluster: LocalCluster,
         ("create", "lmimodels.serving.lmi.dev", "-n", m),
         ("delete", "lmimodels.serving.lmi.dev", "-n", m),
         ("patch", "lmimodels.serving.lmi.dev", "-n", m),
-        ("delete", "deployments.apps", "-n", m),
-        ("delete", "configmaps", "-n", m),
+        ("delete", "services", "-n", m),
         ("update", "deployments.apps", "-n", m),
         ("create", "pods", "-n", m),
         ("delete", "pods", "-n", m),
