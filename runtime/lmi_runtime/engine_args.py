@@ -26,6 +26,7 @@ from lmi_runtime import options as lmi
 from lmi_runtime.devices import dev_nvidia_count, max_tensor_parallel, visible_gpu_count
 from lmi_runtime.errors import RuntimeConfigError
 from lmi_runtime.lmi_schema import ResponseFormat
+from lmi_runtime.multi_node import Group, group_of
 from lmi_runtime.properties import LmiSettings, Setting
 from lmi_runtime.quantization import (
     check_method,
@@ -145,6 +146,8 @@ class ResolvedConfig:
     enable_lora: bool
     properties: dict[str, str]  # LMI-named configuration, as a custom handler's Input sees it
     response_format: ResponseFormat = field(default_factory=ResponseFormat)
+    # A worker of a group of several pods (multi_node): it runs headless, joining the leader's engine.
+    headless: bool = False
 
 
 def parse_bool(setting: Setting) -> bool:
@@ -300,7 +303,7 @@ def _model(wanted: dict[str, Setting], model_dir: Path) -> Setting:
 
 
 def _tensor_parallel(
-    wanted: dict[str, Setting], environ: Mapping[str, str], count: Callable[[], int]
+    wanted: dict[str, Setting], environ: Mapping[str, str], count: Callable[[], int], group: Group | None
 ) -> Setting:
     setting = wanted.get("tensor_parallel_size", Setting(lmi.DEFAULT_TENSOR_PARALLEL_DEGREE, "LMI default"))
     if setting.value.strip().lower() != lmi.TENSOR_PARALLEL_MAX:
@@ -309,7 +312,9 @@ def _tensor_parallel(
     pipeline = (
         parse_positive_int(wanted["pipeline_parallel_size"]) if "pipeline_parallel_size" in wanted else 1
     )
-    degree = max_tensor_parallel(visible_gpu_count(environ, count), pipeline)
+    # max: the GPUs of the whole group, each pod seeing its own.
+    nodes = group.size if group is not None else 1
+    degree = max_tensor_parallel(visible_gpu_count(environ, count) * nodes, pipeline)
     logger.info("%s: resolved to %d", setting.describe(), degree)
     return Setting(str(degree), setting.label)
 
@@ -432,7 +437,11 @@ def resolve(
     wanted = _collect(settings, schema)
     model = _model(wanted, settings.model_dir)
     wanted["model"] = model
-    wanted["tensor_parallel_size"] = _tensor_parallel(wanted, environ, device_count)
+    group = group_of(environ)
+    if group is not None:
+        for dest, value in group.engine_settings().items():
+            wanted[dest] = Setting(value, "LeaderWorkerSet group (LWS_* environment)")
+    wanted["tensor_parallel_size"] = _tensor_parallel(wanted, environ, device_count, group)
     if "dtype" in wanted:
         dtype = wanted["dtype"]
         wanted["dtype"] = Setting(
@@ -492,6 +501,7 @@ def resolve(
         enable_lora=enable_lora,
         properties=properties,
         response_format=_response_format(settings),
+        headless=group is not None and group.worker,
     )
 
 

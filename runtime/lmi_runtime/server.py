@@ -552,6 +552,11 @@ def serve(model_dir: Path, host: str, port: int) -> int:
     # Sources the init container did not fetch (serve run on its own) are fetched now.
     settings = model_store.localize(raw, os.environ, download=True, set_env=os.environ.__setitem__)
     config = resolve(settings, os.environ)
+    if config.headless:
+        # A worker of a multi-node group: its GPUs join the leader's engine; the leader serves HTTP.
+        logger.info("a worker of a multi-node group: running vLLM headless, the leader serves")
+        vllm_attr("run_headless")(config.namespace)
+        return 0
     handle = load_handler(model_dir)
     folders = preload_dirs(model_dir, config.enable_lora)
     declared, origin = declared_adapters(os.environ)

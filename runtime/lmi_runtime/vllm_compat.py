@@ -38,6 +38,8 @@ _LOCATIONS: dict[str, tuple[str, ...]] = {
         "vllm.entrypoints.launchers.utils.constants",
         "vllm.entrypoints.serve.utils.constants",
     ),
+    # A multi-node group's worker (multi_node): the engine's processes without an API server.
+    "run_headless": ("vllm.entrypoints.cli.serve",),
     "ToolParserManager": ("vllm.tool_parsers",),
     "ReasoningParserManager": ("vllm.reasoning",),
     "CompletionRequest": ("vllm.entrypoints.openai.completion.protocol", "vllm.entrypoints.openai.protocol"),
