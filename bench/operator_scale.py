@@ -30,7 +30,7 @@ from typing import Any
 from lmi_operator.api import API_VERSION, KIND
 from lmi_operator.kube import Credentials, KubeClient, load_credentials, object_path
 from lmi_operator.testing.cluster import REPO_ROOT, LocalCluster, free_port, tools_bin_dir
-from lmi_operator.testing.nodes import gpu_deployment, h100_node
+from lmi_operator.testing.nodes import FakeNode, gpu_deployment, h100_node
 
 GPUS_PER_NODE = 8
 
@@ -218,6 +218,9 @@ def main() -> int:
     # One GPU per object: the burst's and the single creates', plus a spare node.
     count = math.ceil((args.n + args.singles) / GPUS_PER_NODE) + 1
     nodes = [h100_node(f"gpu-{i:03d}", pods="250") for i in range(count)]
+    # The GPU nodes are tainted: the models' inspection pods (CPU only) run on an untainted node, as
+    # in any real cluster (docs/capacity.md).
+    nodes.append(FakeNode(name="cpu-0", instance_type="m7i.4xlarge", cpu="16", memory="64Gi", pods="250"))
     workdir = Path(tempfile.mkdtemp(prefix="lmi-bench-"))
     cluster = LocalCluster(workdir, tools_bin_dir(), nodes=nodes)
     t0 = time.monotonic()
