@@ -18,6 +18,11 @@ from lmi_operator.kube import KubeClient
 FRESH_SECONDS = 10.0
 
 
+def _admits(node_selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Whether a node with `labels` is one `node_selector` selects."""
+    return all(labels.get(k) == v for k, v in node_selector.items())
+
+
 class GpuCapacity:
     """Unallocated GPUs of one extended resource per schedulable node, and the GPU types."""
 
@@ -64,7 +69,7 @@ class GpuCapacity:
         return sum(
             free // gpus
             for name, free in (await self.free_by_node(gpu_resource)).items()
-            if free > 0 and all(labels.get(name, {}).get(k) == v for k, v in node_labels.items())
+            if free > 0 and _admits(node_labels, labels.get(name, {}))
         )
 
     async def gpu_types(self, gpu_resource: str, node_selector: Mapping[str, str]) -> list[GpuType]:
@@ -75,7 +80,7 @@ class GpuCapacity:
         for node, gpus in await self._schedulable(gpu_resource):
             labels = node["metadata"].get("labels", {})
             memory = gpu_memory_of(labels)
-            if memory is None or any(labels.get(k) != v for k, v in node_selector.items()):
+            if memory is None or not _admits(node_selector, labels):
                 continue
             product = labels.get(GPU_PRODUCT_LABEL) or f"{memory // 2**20} MiB GPU"
             known = types.get(product)
