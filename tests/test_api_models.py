@@ -91,6 +91,35 @@ INVALID: list[Invalid] = [
         "x engine.pipelineParallelDegree must equal resources.gpus",
     ),
     Invalid(
+        "tp-not-gpus-times-nodes",
+        {"engine": {"tensorParallelDegree": 8}, "resources": {"gpus": 8, "nodes": 2}},
+        "spec.engine.tensorParallelDegree",
+        "engine.tensorParallelDegree x engine.pipelineParallelDegree must equal resources.gpus x "
+        "resources.nodes",
+    ),
+    Invalid(
+        "nodes-zero",
+        {"resources": {"gpus": 8, "nodes": 0}},
+        "spec.resources.nodes",
+        "greater than or equal to 1",
+    ),
+    Invalid(
+        "nodes-on-cpu",
+        {"engine": {"tensorParallelDegree": 1}, "resources": {"gpus": 0, "nodes": 2}},
+        "spec.resources.nodes",
+        "resources.nodes above 1 needs resources.gpus of at least 1: a replica spans nodes for their GPUs",
+    ),
+    Invalid(
+        "nodes-with-profiles",
+        {
+            "engine": {"tensorParallelDegree": 16},
+            "resources": {"gpus": 8, "nodes": 2},
+            "profiles": [L4_PROFILE],
+        },
+        "spec.profiles",
+        "profiles need resources.nodes 1: a replica of several nodes has no GPU profiles",
+    ),
+    Invalid(
         "tp-word-other-than-max",
         {"engine": {"tensorParallelDegree": "auto"}},
         "spec.engine.tensorParallelDegree",
@@ -496,8 +525,8 @@ def test_there_are_enough_examples_and_each_says_what_it_shows() -> None:
 def test_example_parses(path: Path) -> None:
     for doc in example_models(path):
         spec = api.parse_lmimodel(doc).spec
-        assert spec.tensor_parallel_size() * spec.engine.pipeline_parallel_degree == spec.gpus_required()
-        assert spec.gpus_required() <= 8, "must fit a node of 8 GPUs"
+        assert spec.tensor_parallel_size() * spec.engine.pipeline_parallel_degree == spec.gpus_per_replica()
+        assert spec.gpus_required() <= 8, "each pod must fit a node of 8 GPUs"
 
 
 @pytest.mark.parametrize("case", INVALID, ids=lambda c: c.name)

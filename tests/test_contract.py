@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from lmi_operator.api import KIND, LMIModel, parse_lmimodel
-from lmi_operator.render import Rendered, render
+from lmi_operator.render import WORKLOAD_KINDS, Rendered, render, template_of
 from lmi_operator.render_adapters import ADAPTERS_MOUNT
 from lmi_operator.settings import OperatorSettings
-from lmi_runtime import model_store
+from lmi_runtime import model_store, multi_node
 from lmi_runtime import options as lmi
 from lmi_runtime.adapter_sources import declared_adapters
 from lmi_runtime.adapters import check_declared, preload_dirs
@@ -53,11 +53,18 @@ def _name(obj: LMIModel) -> str:
     return str(obj.metadata.name)
 
 
-def container_of(rendered: Rendered) -> dict[str, Any]:
-    """The model-server container of the rendered Deployment."""
-    deployment = rendered.by_kind("Deployment")
-    assert deployment is not None
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+def pod_of(rendered: Rendered, role: str = "leader") -> dict[str, Any]:
+    """The pod spec of the (first) rendered workload: the Deployment's, or the LeaderWorkerSet's leader
+    or worker template (`role`) when a replica spans nodes."""
+    workload = next(o for o in rendered.objects if o["kind"] in WORKLOAD_KINDS)
+    if role == "worker":
+        return dict(workload["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"])
+    return dict(template_of(workload)["spec"])
+
+
+def container_of(rendered: Rendered, role: str = "leader") -> dict[str, Any]:
+    """The model-server container of the rendered workload's pod (`role`: pod_of)."""
+    (container,) = pod_of(rendered, role)["containers"]
     return dict(container)
 
 
@@ -82,11 +89,10 @@ def parse_runtime_argv(argv: list[str], capsys: pytest.CaptureFixture[str]) -> A
 def config_mounts(rendered: Rendered) -> dict[PurePosixPath, str]:
     """Each file of the rendered ConfigMap, by the path the pod mounts it at."""
     config_map = rendered.by_kind("ConfigMap")
-    deployment = rendered.by_kind("Deployment")
-    assert config_map is not None and deployment is not None
+    assert config_map is not None
     volumes = {
         v["name"]: v["configMap"]
-        for v in deployment["spec"]["template"]["spec"]["volumes"]
+        for v in pod_of(rendered)["volumes"]
         if v.get("configMap", {}).get("name") == config_map["metadata"]["name"]
     }
     files: dict[PurePosixPath, str] = {}
@@ -108,9 +114,7 @@ def test_the_pod_runs_lmi_runtime_fetch_then_serve_on_its_port_and_model_dir(
     dockerfile: Path, obj: LMIModel, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rendered = render(obj, SETTINGS)
-    deployment = rendered.by_kind("Deployment")
-    assert deployment is not None
-    (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    (init,) = pod_of(rendered)["initContainers"]
     container = container_of(rendered)
     entrypoint, cmd = exec_form(dockerfile, "ENTRYPOINT"), exec_form(dockerfile, "CMD")
     parsed = parse_runtime_argv(kubernetes_argv(entrypoint, cmd, container), capsys)
@@ -169,13 +173,19 @@ def schema() -> VllmSchema:
 
 
 def runtime_reads(
-    obj: LMIModel, model_dir: Path, schema: VllmSchema
+    obj: LMIModel,
+    model_dir: Path,
+    schema: VllmSchema,
+    role: str = "leader",
+    injected: dict[str, str] | None = None,
 ) -> tuple[ResolvedConfig, dict[str, str]]:
-    """What `lmi-runtime args` resolves in the rendered pod, on a node with the GPUs it requests."""
+    """What `lmi-runtime args` resolves in the rendered pod (`role`: pod_of), on a node with the GPUs
+    it requests, with the variables a controller injects into the pod (`injected`) added."""
     rendered = render(obj, SETTINGS)
     cache_mount(rendered)
     # Values from Secrets (HF_TOKEN) are not configuration; only literal values are.
-    env = {var["name"]: var["value"] for var in container_of(rendered)["env"] if "value" in var}
+    env = {var["name"]: var["value"] for var in container_of(rendered, role)["env"] if "value" in var}
+    env |= injected or {}
     for path, text in config_mounts(rendered).items():
         if path.is_relative_to(lmi.MODEL_DIR):
             (model_dir / path.relative_to(lmi.MODEL_DIR)).write_text(text, encoding="utf-8")
@@ -253,3 +263,50 @@ def test_the_runtime_reads_the_model_the_spec_specifies(
     monkeypatch.setattr(sys, "path", list(sys.path))
     handler = obj.spec.handler
     assert (load_handler(tmp_path) is not None) == (handler is not None and handler.model_py is not None)
+
+
+MULTI_NODE = [obj for obj in MODELS if obj.spec.resources.nodes > 1]
+
+
+@pytest.mark.parametrize("dockerfile", RUNTIME_DOCKERFILES, ids=lambda path: path.name)
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("obj", MULTI_NODE, ids=_name)
+def test_each_pod_of_a_group_resolves_its_place_in_the_one_engine_of_its_replica(
+    obj: LMIModel,
+    rank: int,
+    dockerfile: Path,
+    schema: VllmSchema,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The leader's and a worker's rendered commands and environment, with the variables
+    LeaderWorkerSet's webhook injects (tests/test_multi_node.py shows them served for real),
+    resolve to the spec's engine across all the group's nodes, each pod as its node rank."""
+    role = "worker" if rank else "leader"
+    rendered = render(obj, SETTINGS)
+    container = container_of(rendered, role)
+    entrypoint, cmd = exec_form(dockerfile, "ENTRYPOINT"), exec_form(dockerfile, "CMD")
+    parsed = parse_runtime_argv(kubernetes_argv(entrypoint, cmd, container), capsys)
+    assert (parsed.command, str(parsed.model_dir)) == ("serve", lmi.MODEL_DIR)
+    assert ("ports" in container) == (role == "leader"), "only the leader serves HTTP"
+    (workload,) = [o for o in rendered.objects if o["kind"] in WORKLOAD_KINDS]
+    leader = f"{workload['metadata']['name']}-0.{workload['metadata']['name']}.default"
+    nodes = obj.spec.resources.nodes
+    injected = {
+        multi_node.LEADER_ADDRESS_ENV: leader,
+        multi_node.GROUP_SIZE_ENV: str(nodes),
+        multi_node.WORKER_INDEX_ENV: str(rank),
+    }
+    config, env = runtime_reads(obj, tmp_path, schema, role, injected)
+    expected = expected_engine_args(obj, env[lmi.CACHE_ENV]) | {
+        "nnodes": nodes,
+        "node_rank": rank,
+        "master_addr": leader,
+        "master_port": multi_node.MASTER_PORT,
+        "distributed_executor_backend": "mp",
+    }
+    assert {key: config.engine_args.get(key) for key in expected} == expected
+    assert config.headless == (role == "worker")
+    assert obj.spec.tensor_parallel_size() * obj.spec.engine.pipeline_parallel_degree == (
+        obj.spec.resources.gpus * nodes
+    )

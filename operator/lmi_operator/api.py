@@ -118,6 +118,11 @@ SOURCE_PATTERN = (
 # The name becomes the Service's name, so it must be a DNS-1035 label.
 DNS1035_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A label key: an optional DNS subdomain prefix and a slash, then a name of letters, digits, -_.
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
 QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
     r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -607,15 +612,26 @@ class Handler(_Object):
 
 
 class Resources(_Object):
-    """Compute of one replica (one pod): GPUs, CPU, memory and shared memory."""
+    """Compute of one pod of a replica: GPUs, CPU, memory and shared memory; and the pods (nodes) of
+    one replica."""
 
     gpus: int = Field(
         1,
         ge=0,
         le=64,
         description=(
-            "GPUs of one replica (requests = limits of gpuResourceName); must equal "
+            "GPUs of one pod (requests = limits of gpuResourceName); gpus x nodes must equal "
             "engine.tensorParallelDegree x engine.pipelineParallelDegree. 0 runs vLLM on CPU."
+        ),
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description=(
+            "Pods of one replica, each with `gpus` GPUs on a node of its own: above 1, a replica is a "
+            "LeaderWorkerSet group (one leader serving HTTP, nodes - 1 workers joining its engine), "
+            "which needs the LeaderWorkerSet controller in the cluster (docs/multi-node.md)."
         ),
     )
     gpu_resource_name: str | None = Field(
@@ -681,6 +697,16 @@ class Scheduling(_Object):
         description="A core/v1 Affinity, copied to the pods as is.",
     )
     priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the pods.")
+    exclusive_topology: str | None = Field(
+        None,
+        max_length=316,
+        pattern=LABEL_KEY_PATTERN,
+        description=(
+            "With resources.nodes above 1: a node label key (a rack, a block of nodes on one fabric); "
+            "the pods of each replica go into one domain of this label, which no other replica shares "
+            "(LeaderWorkerSet's exclusive-topology)."
+        ),
+    )
 
 
 # --- spec.profiles -------------------------------------------------------------------------------
@@ -1039,20 +1065,20 @@ def _single_replica_claim(spec: LMIModelSpec) -> bool:
 
 
 def _parallelism_fills_gpus(spec: LMIModelSpec) -> bool:
-    """engine.tensorParallelDegree x engine.pipelineParallelDegree == resources.gpus (GPU models, integer
-    tensorParallelDegree)."""
+    """engine.tensorParallelDegree x engine.pipelineParallelDegree == resources.gpus x resources.nodes
+    (GPU models, integer tensorParallelDegree)."""
     tp = spec.engine.tensor_parallel_degree
     pp = spec.engine.pipeline_parallel_degree
-    return spec.resources.gpus == 0 or isinstance(tp, str) or tp * pp == spec.resources.gpus
+    return spec.resources.gpus == 0 or isinstance(tp, str) or tp * pp == spec.gpus_per_replica()
 
 
 def _gpus_split_into_stages(spec: LMIModelSpec) -> bool:
-    """resources.gpus is a multiple of engine.pipelineParallelDegree (GPU models with
+    """resources.gpus x resources.nodes is a multiple of engine.pipelineParallelDegree (GPU models with
     tensorParallelDegree max)."""
     return (
         spec.resources.gpus == 0
         or isinstance(spec.engine.tensor_parallel_degree, int)
-        or spec.resources.gpus % spec.engine.pipeline_parallel_degree == 0
+        or spec.gpus_per_replica() % spec.engine.pipeline_parallel_degree == 0
     )
 
 
@@ -1110,19 +1136,21 @@ class LMIModelSpec(_Object):
         Rule(
             cel=(
                 "self.resources.gpus == 0 || type(self.engine.tensorParallelDegree) == string || "
-                "self.engine.tensorParallelDegree * self.engine.pipelineParallelDegree == self.resources.gpus"
+                "self.engine.tensorParallelDegree * self.engine.pipelineParallelDegree == "
+                "self.resources.gpus * self.resources.nodes"
             ),
-            message="engine.tensorParallelDegree x engine.pipelineParallelDegree must equal resources.gpus",
+            message="engine.tensorParallelDegree x engine.pipelineParallelDegree must equal resources.gpus "
+            "x resources.nodes",
             check=_parallelism_fills_gpus,
             field_path=".engine.tensorParallelDegree",
         ),
         Rule(
             cel=(
                 "self.resources.gpus == 0 || type(self.engine.tensorParallelDegree) == int || "
-                "self.resources.gpus % self.engine.pipelineParallelDegree == 0"
+                "(self.resources.gpus * self.resources.nodes) % self.engine.pipelineParallelDegree == 0"
             ),
-            message="resources.gpus must be a multiple of engine.pipelineParallelDegree when "
-            "engine.tensorParallelDegree is max",
+            message="resources.gpus x resources.nodes must be a multiple of engine.pipelineParallelDegree "
+            "when engine.tensorParallelDegree is max",
             check=_gpus_split_into_stages,
             field_path=".engine.pipelineParallelDegree",
         ),
@@ -1177,6 +1205,33 @@ class LMIModelSpec(_Object):
             "GPU profiles",
             check=lambda s: not s.profiles or s.resources.gpus > 0,
             field_path=".profiles",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            cel="!has(self.profiles) || size(self.profiles) == 0 || self.resources.nodes == 1",
+            message="profiles need resources.nodes 1: a replica of several nodes has no GPU profiles",
+            check=lambda s: not s.profiles or s.resources.nodes == 1,
+            field_path=".profiles",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            cel=(
+                "!has(self.scheduling) || !has(self.scheduling.exclusiveTopology) || self.resources.nodes > 1"
+            ),
+            message="scheduling.exclusiveTopology needs resources.nodes above 1: it places the pods of "
+            "a replica that spans nodes",
+            check=lambda s: (
+                s.scheduling is None or s.scheduling.exclusive_topology is None or s.resources.nodes > 1
+            ),
+            field_path=".scheduling.exclusiveTopology",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            cel="self.resources.nodes == 1 || self.resources.gpus > 0",
+            message="resources.nodes above 1 needs resources.gpus of at least 1: a replica spans nodes "
+            "for their GPUs",
+            check=lambda s: s.resources.nodes == 1 or s.resources.gpus > 0,
+            field_path=".resources.nodes",
             reason="FieldValueForbidden",
         ),
         Rule(
@@ -1259,15 +1314,19 @@ class LMIModelSpec(_Object):
     )
 
     def gpus_required(self) -> int:
-        """GPUs one replica requests (resources.gpus)."""
+        """GPUs one pod requests (resources.gpus)."""
         return self.resources.gpus
+
+    def gpus_per_replica(self) -> int:
+        """GPUs of one replica over all its pods (resources.gpus x resources.nodes)."""
+        return self.resources.gpus * self.resources.nodes
 
     def tensor_parallel_size(self) -> int:
         """engine.tensorParallelDegree with max resolved the way LMI does: GPUs / pipeline degree."""
         tp = self.engine.tensor_parallel_degree
         if isinstance(tp, int):
             return tp
-        return max(1, self.resources.gpus // self.engine.pipeline_parallel_degree)
+        return max(1, self.gpus_per_replica() // self.engine.pipeline_parallel_degree)
 
     def for_profile(self, profile: Profile) -> LMIModelSpec:
         """The spec of a replica on `profile`: the profile's engine settings and GPUs in place of the

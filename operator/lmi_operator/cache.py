@@ -17,11 +17,13 @@ from typing import Any
 
 from lmi_operator import metrics
 from lmi_operator.api import API_VERSION, KIND
-from lmi_operator.kube import KubeClient, object_path
+from lmi_operator.group_status import failed_container, group_of, group_ready
+from lmi_operator.kube import ApiError, KubeClient, object_path
 from lmi_operator.profile_plan import ProfilePlan
 from lmi_operator.relist import RelistDetector
 from lmi_operator.render import MANAGED_SELECTOR, MODEL_LABEL
 from lmi_operator.render_inspect import INSPECTS_LABEL
+from lmi_operator.render_lws import LWS_API_VERSION, LWS_KIND
 from lmi_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ WATCHED_KINDS = {
     "ConfigMap": "v1",
     "Service": "v1",
     "Deployment": "apps/v1",
+    # Only where the cluster serves it (prerequisites): a sweep finds none where it does not.
+    LWS_KIND: LWS_API_VERSION,
     **OPTIONAL_KINDS,
     "Pod": "v1",
 }
@@ -134,6 +138,9 @@ class ModelState:
     profile_plan: ProfilePlan | None = None
     # ((uid, generation), name) of the inspection Job that generation renders to.
     inspect_job: tuple[tuple[str, int], str] | None = None
+    # The last pod seen failed in each LeaderWorkerSet group (by group index), until the group is
+    # whole and Ready again: LeaderWorkerSet deletes it with its group (group_status).
+    group_failures: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         """The cached objects of `kind` (LMIModel, Pod or a child kind)."""
@@ -243,8 +250,19 @@ class ModelCache:
                 return
         else:
             pods[name] = pod_copy(obj)
+            if not inspection:
+                self._remember_group_failure(st, pods[name])
         # An inspection's end decides whether the Deployment may be created: the children's queue.
         (self._on_spec if inspection else self._on_pods)(key)
+
+    @staticmethod
+    def _remember_group_failure(st: ModelState, pod: dict[str, Any]) -> None:
+        if (group := group_of(pod)) is None:
+            return
+        if failed_container(pod) is not None:
+            st.group_failures[group] = pod
+        elif group in st.group_failures and group_ready(st.pods.values(), group):
+            del st.group_failures[group]
 
     # -- what this replica wrote --------------------------------------------------------------------
 
@@ -310,7 +328,12 @@ class ModelCache:
         listed_at: dict[str | None, str] = {}
         for namespace in self.namespaces or (None,):
             path = object_path(WATCHED_KINDS[kind], kind, namespace)
-            body = await self.client.request("GET", path, params=params)
+            try:
+                body = await self.client.request("GET", path, params=params)
+            except ApiError as err:
+                if err.status != 404:
+                    raise
+                body = {}  # a kind the cluster does not serve (LeaderWorkerSet): none exists
             listed_at[namespace] = _version(body)
             present.update(key_of(item) for item in body.get("items", []))
         gone = [

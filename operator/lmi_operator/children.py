@@ -4,7 +4,9 @@ A child is applied when it is missing, when it was applied from another renderin
 annotation every rendered child carries differs: so fields removed from the spec leave the child
 too), or when someone edited it by hand since (the rendered fields are no longer contained in it).
 Children the spec no longer asks for (PDB, HPA, cache claim, the inspection Job of a former source,
-the Deployment and ConfigMap of a profile taken out of spec.profiles) are deleted."""
+the Deployment and ConfigMap of a profile taken out of spec.profiles, the Deployment of a model
+whose replicas now span nodes and the LeaderWorkerSet of one whose replicas no longer do) are
+deleted."""
 
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ from lmi_operator.drift import contains
 from lmi_operator.fit_status import FitReport
 from lmi_operator.kube import ApiError, KubeClient, object_path
 from lmi_operator.profile_plan import ProfilePlan
-from lmi_operator.render import APPLIED_HASH, render
+from lmi_operator.render import APPLIED_HASH, WORKLOAD_KINDS, render
+from lmi_operator.render_lws import LWS_API_VERSION, LWS_KIND
 from lmi_operator.settings import OperatorSettings
 
 # What is deleted when the spec no longer renders it, kind -> apiVersion. The Service is always rendered.
-PRUNED_KINDS = {**OPTIONAL_KINDS, "ConfigMap": "v1", "Deployment": "apps/v1"}
+PRUNED_KINDS = {**OPTIONAL_KINDS, "ConfigMap": "v1", "Deployment": "apps/v1", LWS_KIND: LWS_API_VERSION}
 
 
 def namespace_going(err: ApiError) -> bool:
@@ -91,12 +94,12 @@ class ChildrenApplier:
                 raise result
             metrics.API_WRITES.labels(desired["kind"]).inc()
             self.cache.written(key, result)
-            if desired["kind"] == "Deployment":
+            if desired["kind"] in WORKLOAD_KINDS:
                 st.applied_generations[result["metadata"]["name"]] = result["metadata"].get("generation")
         wanted = {(o["kind"], o["metadata"]["name"]) for o in rendered.objects}
         for kind, name in before:
-            # A Deployment held back (deploy False) stays as it is.
-            if (kind, name) not in wanted and (deploy or kind != "Deployment"):
+            # A workload held back (deploy False) stays as it is.
+            if (kind, name) not in wanted and (deploy or kind not in WORKLOAD_KINDS):
                 await self._delete(PRUNED_KINDS[kind], kind, key[0], name)
                 st.children.pop((kind, name), None)
 

@@ -29,6 +29,8 @@ CHILDREN: dict[tuple[str, str, str], str] = {
     ("autoscaling", "v2", "horizontalpodautoscalers"): "HorizontalPodAutoscaler",
     ("", "v1", "persistentvolumeclaims"): "PersistentVolumeClaim",
     ("batch", "v1", "jobs"): "Job",
+    # Served only where LeaderWorkerSet is installed: kopf watches it once its CRD is there.
+    ("leaderworkerset.x-k8s.io", "v1", "leaderworkersets"): "LeaderWorkerSet",
 }
 
 
@@ -92,7 +94,10 @@ def build(reconciler: Reconciler, creds: Credentials) -> tuple[kopf.OperatorRegi
     # Watch only our children, filtered by the API server rather than in this process.
     for _, _, plural in (*CHILDREN, ("", "v1", "pods")):
         kopf_settings.watching.label_selectors[plural] = MANAGED_SELECTOR
-    kopf_settings.scanning.disabled = True
+    # kopf watches the CRDs to start a child kind's watch when its CRD is installed after the
+    # operator started (LeaderWorkerSet, prerequisites); without permission to, it warns and
+    # keeps the kinds served at start-up.
+    kopf_settings.scanning.disabled = False
     kopf_settings.posting.enabled = False
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.client_timeout = 330

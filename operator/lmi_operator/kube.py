@@ -29,6 +29,7 @@ import aiohttp
 
 from lmi_operator import metrics
 from lmi_operator.api import API_VERSION, KIND, PLURAL
+from lmi_operator.render_lws import LWS_API_VERSION, LWS_KIND
 
 FIELD_MANAGER = "lmi-operator"
 # Status has a manager of its own: its apply owns the whole status and nothing of the children.
@@ -57,6 +58,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("coordination.k8s.io/v1", "Lease"): "leases",
     ("events.k8s.io/v1", "Event"): "events",
+    (LWS_API_VERSION, LWS_KIND): "leaderworkersets",
     (API_VERSION, KIND): PLURAL,
 }
 

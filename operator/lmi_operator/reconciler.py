@@ -23,6 +23,7 @@ from lmi_operator.fit_check import FitCheck
 from lmi_operator.gpu_capacity import GpuCapacity
 from lmi_operator.kube import KubeClient
 from lmi_operator.memory import Trimmer
+from lmi_operator.prerequisites import MISSING_RECHECK_SECONDS, Prerequisites
 from lmi_operator.profile_check import RECHECK_SECONDS as PROFILES_RECHECK_SECONDS
 from lmi_operator.profile_check import ProfileCheck, settled
 from lmi_operator.settings import OperatorSettings
@@ -56,7 +57,10 @@ class Reconciler:
         capacity = GpuCapacity(client)
         self.fits = FitCheck(self.cache, capacity, settings, notify=self.queue.add)
         self.profiles = ProfileCheck(self.cache, capacity, settings)
-        self.status = StatusReporter(client, self.cache, settings, EventRecorder(client), signer, self.fits)
+        self.prerequisites = Prerequisites(client)
+        self.status = StatusReporter(
+            client, self.cache, settings, EventRecorder(client), signer, self.fits, self.prerequisites
+        )
         # A replica that finished loading adapters is reported at once.
         self.status.adapters.notify = self.status_queue.add
         self.last_progress = time.monotonic()
@@ -86,8 +90,11 @@ class Reconciler:
         if st is None or st.model is None:
             return
         obj, invalid = parse(st.model)
-        # Nothing is applied from an invalid spec: what runs keeps running as it was.
-        if obj is not None and invalid is None:
+        # Nothing is applied from an invalid spec, nor from one needing an API the cluster does not
+        # serve: what runs keeps running as it was.
+        if obj is not None and invalid is None and await self.prerequisites.missing(obj.spec) is not None:
+            self.queue.add_after(key, MISSING_RECHECK_SECONDS)
+        elif obj is not None and invalid is None:
             fit = await self.fits.judge(key, obj)
             plan = await self.profiles.plan(key, obj, fit)
             await self.children.apply(key, obj, fit, plan)

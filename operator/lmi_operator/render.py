@@ -30,6 +30,13 @@ from lmi_operator.render_cache import (
     fetch_container,
 )
 from lmi_operator.render_inspect import render_inspect_job
+from lmi_operator.render_lws import (
+    LEADER_SELECTOR,
+    LWS_API_VERSION,
+    LWS_KIND,
+    group_set_name,
+    leader_worker_set,
+)
 from lmi_operator.settings import OperatorSettings
 from lmi_runtime.options import HANDLER_FILE, MODEL_DIR, PORT, PROPERTIES_FILE
 
@@ -61,12 +68,24 @@ class Rendered:
         return next((o for o in self.objects if o["kind"] == kind), None)
 
     def config_hashes(self) -> dict[str, str]:
-        """The config hash of each rendered Deployment's pod template, by Deployment name."""
+        """The config hash of each rendered workload's pod template, by name."""
         return {
-            str(o["metadata"]["name"]): str(o["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH])
+            str(o["metadata"]["name"]): str(template_of(o)["metadata"]["annotations"][CONFIG_HASH])
             for o in self.objects
-            if o["kind"] == "Deployment"
+            if o["kind"] in WORKLOAD_KINDS
         }
+
+
+# What runs a model's pods: a Deployment, or a LeaderWorkerSet for replicas of several nodes.
+WORKLOAD_KINDS = ("Deployment", LWS_KIND)
+
+
+def template_of(workload: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The pod template of a workload (a LeaderWorkerSet's: its leader's), as rendered or live."""
+    spec = workload.get("spec", {})
+    if workload.get("kind") == LWS_KIND:
+        return dict(spec.get("leaderWorkerTemplate", {}).get("leaderTemplate", {}))
+    return dict(spec.get("template", {}))
 
 
 def labels_of(name: str) -> dict[str, str]:
@@ -347,6 +366,19 @@ def _deployment(
             "spec": pod_spec,
         },
     }
+    if spec.resources.nodes > 1:
+        strategy = dep_spec["strategy"]
+        # A LeaderWorkerSet only rolls; Recreate is every group at once, none started before.
+        rolling = strategy.get("rollingUpdate", {"maxSurge": 0, "maxUnavailable": "100%"})
+        return leader_worker_set(
+            owned_metadata(obj, group_set_name(name)),
+            dep_spec["template"]["metadata"],
+            pod_spec,
+            replicas,
+            spec.resources.nodes,
+            rolling,
+            spec.scheduling.exclusive_topology if spec.scheduling else None,
+        )
     dep_spec = {"replicas": replicas} | dep_spec
     return {
         "apiVersion": "apps/v1",
@@ -354,6 +386,18 @@ def _deployment(
         "metadata": owned_metadata(obj, workload),
         "spec": dep_spec,
     }
+
+
+def serving_selector(obj: LMIModel) -> dict[str, str]:
+    """The pods that serve HTTP: all the model's pods, or its groups' leaders (render_lws) when a
+    replica spans nodes. The Service's selector, and the scale subresource's (per-pod metrics)."""
+    leaders = LEADER_SELECTOR if obj.spec.resources.nodes > 1 else {}
+    return selector_of(str(obj.metadata.name)) | leaders
+
+
+def workload_kind(spec: LMIModelSpec) -> tuple[str, str]:
+    """(apiVersion, kind) of what runs the model's pods."""
+    return (LWS_API_VERSION, LWS_KIND) if spec.resources.nodes > 1 else ("apps/v1", "Deployment")
 
 
 def _service(obj: LMIModel) -> dict[str, Any]:
@@ -364,7 +408,7 @@ def _service(obj: LMIModel) -> dict[str, Any]:
         "metadata": owned_metadata(obj, name),
         "spec": {
             "type": "ClusterIP",
-            "selector": selector_of(name),
+            "selector": serving_selector(obj),
             "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
@@ -474,7 +518,7 @@ def render(
     objects = [*configs, *(deployments if deploy else []), _service(obj)]
     if inspect:
         # The first workload's pod: every profile reads the same model with the same environment.
-        pod = deployments[0]["spec"]["template"]["spec"]
+        pod = template_of(deployments[0])["spec"]
         meta = owned_metadata(obj, "")
         objects.append(
             render_inspect_job(name, meta, pod, settings.runtime_image, settings.inspection_scheduling)

@@ -16,8 +16,10 @@ from typing import Any
 from lmi_operator.adapter_status import AdapterReport
 from lmi_operator.api import FIRST_CLASS_OPTIONS, LMI_DEFAULT_BATCH_SIZE, EngineMode
 from lmi_operator.fit_status import INSUFFICIENT_GPU_MEMORY, FitReport
-from lmi_operator.render import CONFIG_HASH
+from lmi_operator.group_status import crash_message, group_ready, ready_groups, shortage_message
+from lmi_operator.render import CONFIG_HASH, template_of
 from lmi_operator.render_cache import FETCH_CONTAINER
+from lmi_operator.render_lws import LWS_KIND
 from lmi_runtime.errors import ERROR_PREFIX
 from lmi_runtime.options import EXIT_DOWNLOAD_FAILED, EXIT_DOWNLOAD_STALLED, PORT
 
@@ -44,11 +46,16 @@ OOM_KILLED = "OOMKilled"
 MISSING_SECRET = "MissingSecret"
 STARTUP_TIMEOUT = "StartupTimeout"
 INVALID_SPEC = "InvalidSpec"
+# The spec needs an API the cluster does not serve (LeaderWorkerSet for a replica across nodes).
+MISSING_PREREQUISITE = "MissingPrerequisite"
+# A pod of a replica across nodes failed, and LeaderWorkerSet recreates its whole group.
+WORKER_CRASHED = "WorkerCrashed"
 # The init container could not fetch the model or an adapter into the cache, or its download stalled.
 DOWNLOAD_FAILED = "DownloadFailed"
 DOWNLOAD_STALLED = "DownloadStalled"
 PROBLEM_REASONS = (
     INVALID_SPEC,
+    MISSING_PREREQUISITE,
     INSUFFICIENT_GPU_MEMORY,
     MISSING_SECRET,
     INSUFFICIENT_GPU,
@@ -56,6 +63,7 @@ PROBLEM_REASONS = (
     DOWNLOAD_FAILED,
     DOWNLOAD_STALLED,
     OOM_KILLED,
+    WORKER_CRASHED,
     CRASH_LOOP,
     STARTUP_TIMEOUT,
 )
@@ -98,7 +106,8 @@ class Observed:
     gpus_per_replica: int
     gpu_resource: str
     startup_timeout_seconds: int
-    # The live Deployments of the model by name: one, or one per profile (render).
+    # The live workloads of the model by name: one Deployment, one per profile (render), or one
+    # LeaderWorkerSet when a replica spans nodes.
     deployments: Mapping[str, Mapping[str, Any]]
     # The Deployment generation whose rollout counts, by name: the one the operator last applied.
     # Changes by others that bump the generation without touching the template do not count.
@@ -124,6 +133,12 @@ class Observed:
     fit: FitReport | None = None
     # With spec.profiles: status.profile and status.profiles (profile_check.profile_status).
     profiles: Mapping[str, Any] | None = None
+    # Pods of one replica (spec.resources.nodes): above 1, a replica is a LeaderWorkerSet group.
+    nodes_per_replica: int = 1
+    # The last failed pod seen of each group not whole and Ready since, by group index (cache).
+    group_failures: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Why the spec cannot be applied in this cluster (an API it needs is not served), if it cannot.
+    missing_prerequisite: str | None = None
     now: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
 
 
@@ -154,6 +169,11 @@ def _insufficient_gpu(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
         message = str(cond.get("message", ""))
         if f"Insufficient {obs.gpu_resource}" not in message:
             return None
+        if obs.nodes_per_replica > 1:
+            needed = shortage_message(
+                obs.gpus_per_replica, obs.nodes_per_replica, obs.gpu_resource, obs.free_gpus_by_node
+            )
+            return Problem(INSUFFICIENT_GPU, f"{needed}; scheduler: {message}")
         free = ""
         if obs.free_gpus_by_node is not None:
             best = max(obs.free_gpus_by_node.values(), default=0)
@@ -253,33 +273,42 @@ def pod_problem(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
 
 
 def spec_applied(obs: Observed) -> bool:
-    """Whether every Deployment rendered from this generation exists with that pod template."""
+    """Whether every workload rendered from this generation exists with that pod template."""
     if not obs.config_hashes:
         return bool(obs.deployments)
     return all(
         name in obs.deployments
-        and obs.deployments[name]
-        .get("spec", {})
-        .get("template", {})
-        .get("metadata", {})
-        .get("annotations", {})
-        .get(CONFIG_HASH)
+        and template_of(obs.deployments[name]).get("metadata", {}).get("annotations", {}).get(CONFIG_HASH)
         == wanted
         for name, wanted in obs.config_hashes.items()
     )
 
 
 def _deployment_numbers(obs: Observed) -> tuple[int, int, int, int, bool]:
-    """Replicas, ready, updated and available over the model's Deployments, and whether each one's
-    controller has seen the generation the operator applied."""
+    """Replicas, ready, updated and available over the model's workloads, and whether each
+    Deployment's controller has seen the generation the operator applied."""
     numbers = [0, 0, 0, 0]
     current = spec_applied(obs)
     for name, dep in obs.deployments.items():
         st = dep.get("status", {})
-        needed = obs.deployment_generations.get(name) or dep.get("metadata", {}).get("generation", 1)
-        current = current and st.get("observedGeneration", 0) >= needed
-        for i, field_name in enumerate(("replicas", "readyReplicas", "updatedReplicas", "availableReplicas")):
-            numbers[i] += int(st.get(field_name, 0))
+        if dep.get("kind") == LWS_KIND:
+            # LeaderWorkerSet counts groups, without an observedGeneration to date its counts by: a
+            # group is ready when every pod of it is and runs this generation's template, as the
+            # pods show it now (the controller's count lags a pod's loss); available once ready
+            # (there is no availableReplicas of its own).
+            wanted = obs.config_hashes.get(name)
+            ready = min(int(st.get("readyReplicas", 0)), ready_groups(obs.pods, wanted))
+            counts = (int(st.get("replicas", 0)), ready, int(st.get("updatedReplicas", 0)), ready)
+        else:
+            needed = obs.deployment_generations.get(name) or dep.get("metadata", {}).get("generation", 1)
+            current = current and st.get("observedGeneration", 0) >= needed
+            counts = (
+                int(st.get("replicas", 0)),
+                int(st.get("readyReplicas", 0)),
+                int(st.get("updatedReplicas", 0)),
+                int(st.get("availableReplicas", 0)),
+            )
+        numbers = [n + c for n, c in zip(numbers, counts, strict=True)]
     return numbers[0], numbers[1], numbers[2], numbers[3], bool(current)
 
 
@@ -287,9 +316,16 @@ def problem_of(obs: Observed) -> Problem | None:
     """The most important reason the model cannot serve as specified, if there is one."""
     if obs.invalid_spec:
         return Problem(INVALID_SPEC, obs.invalid_spec)
+    if obs.missing_prerequisite:
+        return Problem(MISSING_PREREQUISITE, obs.missing_prerequisite)
     if obs.fit is not None and obs.fit.insufficient:
         return Problem(INSUFFICIENT_GPU_MEMORY, str(obs.fit.condition["message"]))
     problems = [p for pod in obs.pods if (p := pod_problem(obs, pod))]
+    problems += [
+        Problem(WORKER_CRASHED, message)
+        for group, pod in sorted(obs.group_failures.items())
+        if not group_ready(obs.pods, group) and (message := crash_message(pod, _termination))
+    ]
     if not problems:
         return None
     return min(problems, key=lambda p: PROBLEM_REASONS.index(p.reason))
@@ -314,19 +350,21 @@ def conditions_for(obs: Observed) -> list[dict[str, str]]:
     desired = obs.desired_replicas
     problem = problem_of(obs)
     rolled_out = bool(obs.deployments) and current and updated >= desired and replicas == updated
-    # An invalid spec was not applied: what runs serves an older generation, not this one.
-    applied = problem is None or problem.reason != INVALID_SPEC
+    # An invalid spec (or one the cluster cannot run) was not applied: what runs serves an older
+    # generation, not this one.
+    applied = problem is None or problem.reason not in (INVALID_SPEC, MISSING_PREREQUISITE)
     serving = applied and rolled_out and available >= desired and ready >= desired
 
     progress_reason = ROLLOUT_IN_PROGRESS
+    workload = LWS_KIND if obs.nodes_per_replica > 1 else "Deployment"
     if problem is not None and problem.reason == INVALID_SPEC:
         progress_msg = "spec not applied: fix the spec"
     elif not obs.deployments and obs.fit is not None and obs.fit.inspecting:
         progress_msg = f"inspecting the model: {obs.fit.condition['message']}"
     elif not obs.deployments:
-        progress_msg = "creating the Deployment"
+        progress_msg = f"creating the {workload}"
     elif not spec_applied(obs):
-        progress_reason, progress_msg = APPLYING, f"applying generation {obs.generation} to the Deployment"
+        progress_reason, progress_msg = APPLYING, f"applying generation {obs.generation} to the {workload}"
     else:
         progress_msg = f"{updated}/{desired} replicas updated, {available}/{desired} available" + (
             f", {replicas - updated} old replicas terminating" if replicas > updated else ""

@@ -21,16 +21,21 @@ from lmi_operator.events import EventRecorder, Subject
 from lmi_operator.fit_check import FitCheck
 from lmi_operator.gpu_capacity import GpuCapacity
 from lmi_operator.kube import STATUS_FIELD_MANAGER, ApiError, KubeClient, object_path
+from lmi_operator.prerequisites import Prerequisites
 from lmi_operator.profile_check import profile_status
 from lmi_operator.properties import lmi_options
 from lmi_operator.render import (
+    WORKLOAD_KINDS,
     desired_replicas,
     gpu_resource_of,
     render,
     selector_of,
     selector_string,
+    serving_selector,
+    workload_kind,
 )
 from lmi_operator.render_adapters import declared, lora_on
+from lmi_operator.render_lws import serves_http
 from lmi_operator.replica_phases import server_ready, server_starting, startup_status
 from lmi_operator.settings import OperatorSettings
 from lmi_operator.startup_reader import StartupReader
@@ -88,12 +93,14 @@ class StatusReporter:
         events: EventRecorder,
         signer: Signer | None = None,
         fits: FitCheck | None = None,
+        prerequisites: Prerequisites | None = None,
     ) -> None:
         self.client = client
         self.cache = cache
         self.settings = settings
         self.events = events
         self.fits = fits or FitCheck(cache, GpuCapacity(client), settings)
+        self.prerequisites = prerequisites or Prerequisites(client)
         self.startups = StartupReader()
         self.adapters = AdapterSync(signer or Signer())
         self._reasons: dict[Key, str] = {}
@@ -110,13 +117,20 @@ class StatusReporter:
         if obj is None or invalid is not None:
             await self._write(key, body, self._observed(key, st, body, None, invalid=invalid))
             return None
-        # Status read from a partial cache would be rewritten for nothing (then back): see the Deployment.
+        if (missing := await self.prerequisites.missing(obj.spec)) is not None:
+            observed = self._observed(key, st, body, obj, options=lmi_options(obj.spec))
+            await self._write(key, body, dataclasses.replace(observed, missing_prerequisite=missing))
+            return None
+        # Status read from a partial cache would be rewritten for nothing (then back): see the workload.
         names = rendered_config_hashes(st, obj, self.settings)
-        await self.cache.read_missing(key, [("apps/v1", "Deployment", name) for name in names])
+        api_version, kind = workload_kind(obj.spec)
+        await self.cache.read_missing(key, [(api_version, kind, name) for name in names])
         observed = self._observed(key, st, body, obj, options=lmi_options(obj.spec))
         observed = dataclasses.replace(observed, fit=await self.fits.judge(key, obj))
-        runtime = await self.startups.read(key, observed.pods)
-        observed = dataclasses.replace(observed, startup=startup_status(observed.pods, runtime))
+        # The replicas' model servers: a group's leader serves for the group (render_lws).
+        servers = [pod for pod in observed.pods if serves_http(pod)]
+        runtime = await self.startups.read(key, servers)
+        observed = dataclasses.replace(observed, startup=startup_status(servers, runtime))
         if lora_on(obj.spec):
             observed = dataclasses.replace(observed, adapters=await self._adapters(key, obj, observed))
         problem = problem_of(observed)
@@ -124,10 +138,10 @@ class StatusReporter:
             free = await self.fits.gpus.free_by_node(observed.gpu_resource)
             observed = dataclasses.replace(observed, free_gpus_by_node=free)
         status = await self._write(key, body, observed)
-        if any(server_starting(pod) for pod in observed.pods):
+        if any(server_starting(pod) for pod in servers):
             return STARTING_RECHECK_SECONDS
         adapters = observed.adapters
-        if adapters is not None and not adapters.converged and any(map(server_ready, observed.pods)):
+        if adapters is not None and not adapters.converged and any(map(server_ready, servers)):
             # Loading: soon (a finished load also asks for a report); a failure: retried less often.
             return RECHECK_SECONDS if adapters.failed else STARTING_RECHECK_SECONDS
         ready = next(c for c in status["conditions"] if c["type"] == READY)
@@ -136,7 +150,7 @@ class StatusReporter:
     async def _adapters(self, key: Key, obj: LMIModel, observed: Observed) -> AdapterReport:
         """Judge what the ready replicas last answered about the declared adapters (and look again)."""
         wanted = declared(obj.spec)
-        ready = [pod for pod in observed.pods if server_ready(pod)]
+        ready = [pod for pod in observed.pods if serves_http(pod) and server_ready(pod)]
         answers = await self.adapters.answers(key, wanted, ready)
         return judge(wanted, [str(p["metadata"]["name"]) for p in ready], answers)
 
@@ -162,7 +176,11 @@ class StatusReporter:
         # An invalid spec is not applied: no advice about its engine settings.
         mode: EngineMode | None = None
         batch_size: int | None = None
+        nodes = 1
+        selector = selector_string(selector_of(key[1]))
         if obj is not None:
+            nodes = obj.spec.resources.nodes
+            selector = selector_string(serving_selector(obj))
             hashes = rendered_config_hashes(st, obj, self.settings)
             desired = desired_replicas(obj.spec)
             gpus = obj.spec.resources.gpus
@@ -181,23 +199,26 @@ class StatusReporter:
             gpus_per_replica=gpus,
             gpu_resource=gpu_resource,
             startup_timeout_seconds=timeout,
-            # The Deployments this generation renders; with an unread spec, whichever are there.
+            # The workloads this generation renders; with an unread spec, whichever are there.
             deployments={
                 str(d["metadata"]["name"]): d
-                for d in st.of_kind("Deployment")
+                for kind in WORKLOAD_KINDS
+                for d in st.of_kind(kind)
                 if not hashes or d["metadata"]["name"] in hashes
             },
             deployment_generations=st.applied_generations,
             pods=pods,
             invalid_spec=invalid,
             engine_options=options or {},
-            selector=selector_string(selector_of(key[1])),
+            selector=selector,
             config_hashes=hashes,
             engine_mode=mode,
             max_rolling_batch_size=batch_size,
             profiles=profile_status(st.profile_plan, pods)
             if obj is not None and obj.spec.profiles and st.profile_plan is not None
             else None,
+            nodes_per_replica=nodes,
+            group_failures=dict(st.group_failures),
         )
 
     async def _write(self, key: Key, body: Mapping[str, Any], observed: Observed) -> dict[str, Any]:
