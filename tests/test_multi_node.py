@@ -307,7 +307,8 @@ def test_without_leaderworkerset_the_model_names_the_prerequisite_and_runs_once_
     cluster: LocalCluster, operator: OperatorThread, namespace: str
 ) -> None:
     """Nothing is applied while the API is missing; once its CRD is installed the operator applies the
-    LeaderWorkerSet and watches it, without a restart (there is no controller here to run it)."""
+    LeaderWorkerSet and watches it, without a restart (there is no controller here to run it); once
+    it is removed, the model names the prerequisite again."""
     apply(cluster, namespace, big_model("waits"))
     obj = wait_reason(cluster, namespace, "waits", "MissingPrerequisite", timeout=60)
     assert condition(obj, "Ready")["message"] == (
@@ -338,6 +339,9 @@ def test_without_leaderworkerset_the_model_names_the_prerequisite_and_runs_once_
             what="the LeaderWorkerSet applied again after its deletion",
         )
         assert again["metadata"]["uid"] != lws["metadata"]["uid"]
+        # Uninstalled again (its LeaderWorkerSets go with the CRD): the model names the prerequisite.
+        cluster.kubectl("delete", "-f", str(crds), "--wait=true")
+        wait_reason(cluster, namespace, "waits", "MissingPrerequisite", timeout=60)
     finally:
+        cluster.kubectl("delete", "-f", str(crds), "--wait=true", "--ignore-not-found", check=False)
         cluster.kubectl("delete", "lmimodel", "waits", "-n", namespace, "--wait=true", check=False)
-        cluster.kubectl("delete", "-f", str(crds), "--wait=true", check=False)

@@ -20,6 +20,7 @@ from lmi_operator.cache import OPTIONAL_KINDS, Key, ModelCache
 from lmi_operator.drift import contains
 from lmi_operator.fit_status import FitReport
 from lmi_operator.kube import ApiError, KubeClient, object_path
+from lmi_operator.prerequisites import LWS_PLURAL, Prerequisites
 from lmi_operator.profile_plan import ProfilePlan
 from lmi_operator.render import APPLIED_HASH, WORKLOAD_KINDS, render
 from lmi_operator.render_lws import LWS_API_VERSION, LWS_KIND
@@ -50,9 +51,15 @@ class ChildrenApplier:
     """Brings one model's children in line with its parsed spec, through the cache's copies."""
 
     def __init__(
-        self, client: KubeClient, cache: ModelCache, settings: OperatorSettings, admin_key: str = ""
+        self,
+        client: KubeClient,
+        cache: ModelCache,
+        settings: OperatorSettings,
+        prerequisites: Prerequisites,
+        admin_key: str = "",
     ) -> None:
         self.client = client
+        self.prerequisites = prerequisites
         self.cache = cache
         self.settings = settings
         self.admin_key = admin_key  # the public key of the operator's adapter management requests
@@ -85,6 +92,10 @@ class ChildrenApplier:
         results = await asyncio.gather(*(self.client.apply(d) for d in stale), return_exceptions=True)
         st.apply_error = None
         for desired, result in zip(stale, results, strict=True):
+            if isinstance(result, ApiError) and result.status == 404 and desired["kind"] == LWS_KIND:
+                # The LeaderWorkerSet CRD was removed: the status says so, and the model waits for it.
+                self.prerequisites.not_served(LWS_API_VERSION, LWS_PLURAL)
+                raise result
             if isinstance(result, ApiError) and namespace_going(result):
                 return
             if isinstance(result, ApiError) and result.status in (400, 422):

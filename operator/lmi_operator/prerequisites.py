@@ -2,7 +2,8 @@
 
 Asked of the API server's discovery (GET /apis/<group>/<version>) only when a model needs the API,
 so that a cluster without LeaderWorkerSet runs every other model as before. An API found served is
-remembered; one not served is asked about again after MISSING_RECHECK_SECONDS, and the model waits
+remembered until an apply of it is answered 404 (its CRD removed since); one not served is asked
+about again after MISSING_RECHECK_SECONDS, and the model waits
 with a condition that names what to install (nothing of it is applied meanwhile). Once the CRD is
 installed the model is applied without a restart: kopf's scan of the CRDs (handlers) starts the
 LeaderWorkerSets' watch by itself."""
@@ -52,6 +53,11 @@ class Prerequisites:
             return True
         self._missing_until[api] = time.monotonic() + MISSING_RECHECK_SECONDS
         return False
+
+    def not_served(self, api_version: str, plural: str) -> None:
+        """The API server answered 404 for `plural` in `api_version`: its CRD was removed since it was
+        found served. Asked about again at the next look."""
+        self._served.discard((api_version, plural))
 
     async def missing(self, spec: LMIModelSpec) -> str | None:
         """Why `spec` cannot be applied in this cluster, or None when everything it needs is served."""

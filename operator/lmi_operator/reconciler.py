@@ -52,12 +52,12 @@ class Reconciler:
         # Made per process, kept in memory only: a new operator's public key reaches the pods through
         # their ConfigMaps (lmi_runtime.admin_auth).
         signer = Signer()
-        self.children = ChildrenApplier(client, self.cache, settings, signer.public_key)
+        self.prerequisites = Prerequisites(client)
+        self.children = ChildrenApplier(client, self.cache, settings, self.prerequisites, signer.public_key)
         # One view of the nodes' GPUs for both queues: the Deployment's gate and the status.
         capacity = GpuCapacity(client)
         self.fits = FitCheck(self.cache, capacity, settings, notify=self.queue.add)
         self.profiles = ProfileCheck(self.cache, capacity, settings)
-        self.prerequisites = Prerequisites(client)
         self.status = StatusReporter(
             client, self.cache, settings, EventRecorder(client), signer, self.fits, self.prerequisites
         )
