@@ -113,7 +113,6 @@ def test_template_with_each_ci_values_file(helm: Path, values: Path) -> None:
         assert {(tuple(r["resources"]), tuple(r["verbs"])) for r in cluster_role["rules"]} == {
             (("pods",), ("list",)),
             (("nodes",), ("list",)),
-            (("customresourcedefinitions",), ("list", "watch")),
         }
         assert env["PYTHONUNBUFFERED"] == "1" and settings.gpu_resource_name == "amd.com/gpu"
     if values.name == "ha-values.yaml":

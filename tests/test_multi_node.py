@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from lmi_operator.render import MODEL_LABEL
 from lmi_operator.settings import OperatorSettings
@@ -22,6 +23,7 @@ from lmi_operator.testing.nodes import GPU_TAINT_KEY
 from lmi_operator.testing.operator import OperatorThread
 from tests.conftest import REPO_ROOT, fresh_namespace
 from tests.test_operator import apply, condition, get, model_doc, wait_reason
+from tests.test_reliability_security import RESTRICTED
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.cluster
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.cluster
 NAME = "multi"
 LEADER, WORKER = f"{NAME}-0", f"{NAME}-0-1"
 H100_NODES = {"gpu-h100-0", "gpu-h100-1"}
+RACK = "topology.kubernetes.io/rack"
 
 
 @pytest.fixture(scope="module")
@@ -345,3 +348,41 @@ def test_without_leaderworkerset_the_model_names_the_prerequisite_and_runs_once_
     finally:
         cluster.kubectl("delete", "-f", str(crds), "--wait=true", "--ignore-not-found", check=False)
         cluster.kubectl("delete", "lmimodel", "waits", "-n", namespace, "--wait=true", check=False)
+
+
+def test_the_multi_node_examples_run_in_a_restricted_namespace_each_group_in_one_rack(
+    lws_cluster: LocalCluster, lws_operator: OperatorThread
+) -> None:
+    """The examples whose replicas span nodes (tests/test_reliability_security.py runs the others),
+    under the restricted Pod Security Standard; their exclusiveTopology is a rack, so the H100 nodes
+    get one and LeaderWorkerSet places each group in it."""
+    cluster = lws_cluster
+    cluster.kubectl("label", "node", *sorted(H100_NODES), f"{RACK}=rack-a", "--overwrite")
+    models = [
+        doc
+        for path in sorted((REPO_ROOT / "examples").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc["kind"] == "LMIModel" and doc["spec"]["resources"].get("nodes", 1) > 1
+    ]
+    assert models, "no example spans nodes"
+    labels = [f"{k}={v}" for k, v in RESTRICTED.items()]
+    with fresh_namespace(cluster, "mn", *labels) as namespace:
+        for doc in models:
+            name = doc["metadata"]["name"]
+            assert doc["spec"]["scheduling"]["exclusiveTopology"] == RACK
+            apply(cluster, namespace, doc)
+            wait_reason(cluster, namespace, name, "Available", timeout=90)
+            pods = model_pods(cluster, namespace, name)
+            assert {p["spec"]["nodeName"] for p in pods} == H100_NODES
+            by_worker = {p["metadata"]["labels"]["leaderworkerset.sigs.k8s.io/worker-index"]: p for p in pods}
+            # What LeaderWorkerSet adds for exclusive placement: the leader's group alone in its
+            # rack (its webhook's pod affinity and anti-affinity), the worker in the leader's rack.
+            affinity = by_worker["0"]["spec"]["affinity"]
+            for kind in ("podAffinity", "podAntiAffinity"):
+                (term,) = affinity[kind]["requiredDuringSchedulingIgnoredDuringExecution"]
+                assert term["topologyKey"] == RACK
+            assert by_worker["1"]["spec"]["nodeSelector"][RACK] == "rack-a"
+            cluster.kubectl("delete", "lmimodel", name, "-n", namespace, "--wait=true", "--timeout=60s")
+            eventually(lambda n=name: not model_pods(cluster, namespace, n), timeout=60, what="the pods gone")
+        events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+        assert "violates PodSecurity" not in events

@@ -11,6 +11,7 @@ import pytest
 
 from lmi_operator import api
 from lmi_operator.cache import ModelCache
+from lmi_operator.prerequisites import missing_lws_message
 from lmi_operator.render import CONFIG_HASH, MODEL_LABEL, render, template_of
 from lmi_operator.render_lws import (
     EXCLUSIVE_TOPOLOGY_ANNOTATION,
@@ -312,3 +313,11 @@ def test_group_rules_name_the_fields(patch: dict[str, Any], message: str) -> Non
     body = merged(BASE, {"spec": patch})
     with pytest.raises(api.InvalidLMIModel, match=message.replace(".", r"\.")):
         api.parse_lmimodel(body)
+
+
+def test_the_missing_prerequisite_says_whether_the_operator_must_be_restarted() -> None:
+    # Cluster-wide, kopf watches the CRDs; watching a list of namespaces, the operator does not.
+    assert missing_lws_message(2, rescans=True).endswith("; the model is applied once it is served")
+    assert missing_lws_message(2, rescans=False).endswith(
+        "; then restart the operator: watching a list of namespaces, it sees new APIs at start-up only"
+    )

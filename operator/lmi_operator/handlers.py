@@ -94,10 +94,11 @@ def build(reconciler: Reconciler, creds: Credentials) -> tuple[kopf.OperatorRegi
     # Watch only our children, filtered by the API server rather than in this process.
     for _, _, plural in (*CHILDREN, ("", "v1", "pods")):
         kopf_settings.watching.label_selectors[plural] = MANAGED_SELECTOR
-    # kopf watches the CRDs to start a child kind's watch when its CRD is installed after the
-    # operator started (LeaderWorkerSet, prerequisites); without permission to, it warns and
-    # keeps the kinds served at start-up.
-    kopf_settings.scanning.disabled = False
+    # Cluster-wide, kopf watches the CRDs to start a child kind's watch when its CRD is installed
+    # after the operator started (LeaderWorkerSet, prerequisites). Watching a list of namespaces, it
+    # would also list the cluster's namespaces, which such an operator may not (and our endless
+    # request retries would never let kopf fall back): the kinds served at start-up are watched.
+    kopf_settings.scanning.disabled = bool(reconciler.settings.namespaces)
     kopf_settings.posting.enabled = False
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.client_timeout = 330

@@ -6,7 +6,8 @@ remembered until an apply of it is answered 404 (its CRD removed since); one not
 about again after MISSING_RECHECK_SECONDS, and the model waits
 with a condition that names what to install (nothing of it is applied meanwhile). Once the CRD is
 installed the model is applied without a restart: kopf's scan of the CRDs (handlers) starts the
-LeaderWorkerSets' watch by itself."""
+LeaderWorkerSets' watch by itself. An operator watching a list of namespaces does not scan the CRDs,
+so there an API missing at the first look stays missing until a restart, and the message says so."""
 
 from __future__ import annotations
 
@@ -21,20 +22,29 @@ LWS_PLURAL = PLURALS[LWS_API_VERSION, LWS_KIND]
 MISSING_RECHECK_SECONDS = 10.0
 
 
-def missing_lws_message(nodes: int) -> str:
-    """The condition's message when the cluster does not serve LeaderWorkerSet."""
+def missing_lws_message(nodes: int, rescans: bool) -> str:
+    """The condition's message when the cluster does not serve LeaderWorkerSet (`rescans`: whether
+    this operator notices it once installed, else it must be restarted)."""
+    then = (
+        "the model is applied once it is served"
+        if rescans
+        else "then restart the operator: watching a list of namespaces, it sees new APIs at start-up only"
+    )
     return (
         f"spec.resources.nodes {nodes} runs each replica as a LeaderWorkerSet group of {nodes} pods, and "
         f"this cluster does not serve {LWS_PLURAL}.{LWS_API_VERSION}: install LeaderWorkerSet "
-        "(v0.8.0 or later, docs/multi-node.md); the model is applied once it is served"
+        f"(v0.8.0 or later, docs/multi-node.md); {then}"
     )
 
 
 class Prerequisites:
     """The APIs the cluster serves, as far as the models asked."""
 
-    def __init__(self, client: KubeClient) -> None:
+    def __init__(self, client: KubeClient, rescans: bool = True) -> None:
         self.client = client
+        # Whether an API installed later is watched (kopf scans the CRDs: handlers); if not, an API
+        # found missing stays missing for this process, as its watch would.
+        self.rescans = rescans
         self._served: set[tuple[str, str]] = set()
         # When an API found missing may be asked about again (time.monotonic()).
         self._missing_until: dict[tuple[str, str], float] = {}
@@ -51,7 +61,9 @@ class Prerequisites:
             self._served.add(api)
             self._missing_until.pop(api, None)
             return True
-        self._missing_until[api] = time.monotonic() + MISSING_RECHECK_SECONDS
+        self._missing_until[api] = (
+            time.monotonic() + MISSING_RECHECK_SECONDS if self.rescans else float("inf")
+        )
         return False
 
     def not_served(self, api_version: str, plural: str) -> None:
@@ -62,5 +74,5 @@ class Prerequisites:
     async def missing(self, spec: LMIModelSpec) -> str | None:
         """Why `spec` cannot be applied in this cluster, or None when everything it needs is served."""
         if spec.resources.nodes > 1 and not await self.served(LWS_API_VERSION, LWS_PLURAL):
-            return missing_lws_message(spec.resources.nodes)
+            return missing_lws_message(spec.resources.nodes, self.rescans)
         return None

@@ -52,7 +52,8 @@ class Reconciler:
         # Made per process, kept in memory only: a new operator's public key reaches the pods through
         # their ConfigMaps (lmi_runtime.admin_auth).
         signer = Signer()
-        self.prerequisites = Prerequisites(client)
+        # Cluster-wide, kopf watches the CRDs and so an API installed later (handlers).
+        self.prerequisites = Prerequisites(client, rescans=not settings.namespaces)
         self.children = ChildrenApplier(client, self.cache, settings, self.prerequisites, signer.public_key)
         # One view of the nodes' GPUs for both queues: the Deployment's gate and the status.
         capacity = GpuCapacity(client)
