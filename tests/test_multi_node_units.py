@@ -321,3 +321,32 @@ def test_the_missing_prerequisite_says_whether_the_operator_must_be_restarted() 
     assert missing_lws_message(2, rescans=False).endswith(
         "; then restart the operator: watching a list of namespaces, it sees new APIs at start-up only"
     )
+
+
+def test_a_replica_larger_than_any_node_is_pointed_to_resources_nodes() -> None:
+    pending = {
+        "metadata": {"name": "huge-0"},
+        "status": {
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                }
+            ]
+        },
+    }
+    one_pod = {"nodes_per_replica": 1, "gpus_per_replica": 16, "pods": [pending]}
+    counted = {"free_gpus_by_node": {"h100-0": 8, "h100-1": 8}}
+    problem = problem_of(group_observed(0, **one_pod, **counted, largest_node_gpus=8))
+    assert problem is not None and problem.message == (
+        "requested 16 nvidia.com/gpu per replica; at most 8 free on one node (h100-0=8, h100-1=8); no node "
+        "has 16 (the most is 8): a replica larger than one node needs spec.resources.nodes "
+        "(docs/multi-node.md); scheduler: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    )
+    # A replica that fits a node is only short of free GPUs: no such advice.
+    fits = problem_of(
+        group_observed(0, **(one_pod | {"gpus_per_replica": 8}), **counted, largest_node_gpus=8)
+    )
+    assert fits is not None and "spec.resources.nodes" not in fits.message

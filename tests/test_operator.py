@@ -144,6 +144,10 @@ def test_insufficient_gpus_are_reported_with_counts(
     message = condition(obj, "Ready")["message"]
     assert "requested 16 nvidia.com/gpu per replica" in message
     assert "free on one node" in message and "gpu-h100-0=" in message
+    # Larger than any node: the way out is a replica across nodes (docs/multi-node.md).
+    assert "; no node has 16 (the most is 8): a replica larger than one node needs spec.resources.nodes" in (
+        message
+    )
     assert "Insufficient nvidia.com/gpu" in message
     assert condition(obj, "Stalled")["status"] == "True"
     events = cluster.kubectl(

@@ -60,6 +60,10 @@ class GpuCapacity:
         self._last[gpu_resource] = (now, free)
         return free
 
+    async def largest_node(self, gpu_resource: str) -> int:
+        """The most `gpu_resource` one schedulable node has (0: none has any)."""
+        return max((gpus for _, gpus in await self._schedulable(gpu_resource)), default=0)
+
     async def free_slots(self, gpu_resource: str, node_labels: Mapping[str, str], gpus: int) -> int:
         """Replicas of `gpus` GPUs each that the free GPUs of the nodes with `node_labels` still hold."""
         labels = {

@@ -115,6 +115,8 @@ class Observed:
     pods: Sequence[Mapping[str, Any]] = ()
     invalid_spec: str | None = None
     free_gpus_by_node: Mapping[str, int] | None = None
+    # The most GPUs one node has (allocatable), counted with free_gpus_by_node.
+    largest_node_gpus: int | None = None
     engine_options: Mapping[str, str] = field(default_factory=dict)
     selector: str = ""
     # The config hash of each Deployment rendered from this generation's spec, by name: until every
@@ -179,6 +181,11 @@ def _insufficient_gpu(obs: Observed, pod: Mapping[str, Any]) -> Problem | None:
             best = max(obs.free_gpus_by_node.values(), default=0)
             nodes = ", ".join(f"{n}={c}" for n, c in sorted(obs.free_gpus_by_node.items()))
             free = f"; at most {best} free on one node ({nodes or 'no GPU nodes'})"
+        if obs.largest_node_gpus is not None and obs.gpus_per_replica > obs.largest_node_gpus:
+            free += (
+                f"; no node has {obs.gpus_per_replica} (the most is {obs.largest_node_gpus}): a replica "
+                "larger than one node needs spec.resources.nodes (docs/multi-node.md)"
+            )
         return Problem(
             INSUFFICIENT_GPU,
             f"requested {obs.gpus_per_replica} {obs.gpu_resource} per replica{free}; scheduler: {message}",

@@ -136,7 +136,8 @@ class StatusReporter:
         problem = problem_of(observed)
         if problem is not None and problem.reason == INSUFFICIENT_GPU:
             free = await self.fits.gpus.free_by_node(observed.gpu_resource)
-            observed = dataclasses.replace(observed, free_gpus_by_node=free)
+            largest = await self.fits.gpus.largest_node(observed.gpu_resource)
+            observed = dataclasses.replace(observed, free_gpus_by_node=free, largest_node_gpus=largest)
         status = await self._write(key, body, observed)
         if any(server_starting(pod) for pod in servers):
             return STARTING_RECHECK_SECONDS
